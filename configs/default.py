@@ -1,0 +1,102 @@
+"""Every configuration field of fdnm-jax, with its default and one comment each.
+
+Data-set configs (`regdb.py`, `sysu.py`, `llcm.py`, `synthetic.py`) start from
+`get_config()` here and change a few fields. Derived values (steps per epoch,
+number of classes) are computed in code, never stored here. The defaults are the
+full FDNM model with the paper recipe of FDNM_SPEC.md §3 (DEEN's recipe where the
+paper is silent).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default (full FDNM, paper recipe) configuration."""
+  config = ml_collections.ConfigDict()
+  config.name = "fdnm"  # run name: used for results/<name>.json and reports.
+  config.dataset = "synthetic"  # one of: synthetic, regdb, sysu, llcm.
+  config.seed = 0  # seeds parameter init, the identity sampler and augmentation.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.root = ""  # folder of the data set as downloaded (its on-disk layout); "" = synthetic under the workdir.
+  config.data.trial = 1  # RegDB split (1..10) used for training and testing.
+
+  config.synthetic = ml_collections.ConfigDict()
+  config.synthetic.num_train_ids = 48  # identities in the synthetic train split.
+  config.synthetic.num_test_ids = 24  # identities in the synthetic test split.
+  config.synthetic.images_per_id = 8  # images per identity per modality.
+  config.synthetic.num_cameras = 2  # cameras per modality.
+  config.synthetic.height = 96  # stored image height (pixels).
+  config.synthetic.width = 48  # stored image width (pixels).
+  config.synthetic.seed = 0  # generator seed: the same seed gives the same images byte for byte.
+
+  config.input = ml_collections.ConfigDict()
+  config.input.height = 288  # network input height (pixels).
+  config.input.width = 144  # network input width (pixels).
+  config.input.num_ids_per_batch = 6  # P: identities per training batch.
+  config.input.num_instances = 4  # K: images per identity per modality in a batch (batch = 2*P*K).
+  config.input.pad = 10  # zero padding before the random crop (pixels); 0 = no pad-and-crop.
+  config.input.flip = True  # random horizontal flip (p=0.5).
+  config.input.random_grayscale = 0.5  # probability of converting a training image to grayscale.
+  config.input.random_erasing = 0.5  # probability of random erasing; 0 = off.
+  config.input.erasing_area = (0.02, 0.4)  # random-erasing area range (fraction of the image).
+  config.input.erasing_min_aspect = 0.3  # random-erasing minimum aspect ratio (max is its inverse).
+  config.input.channel_aug = False  # CAJ channel augmentation (p=3/4: all channels <- one random channel).
+  config.input.eval_batch_size = 64  # images per evaluation batch (global).
+  config.input.prefetch = 2  # tf.data prefetch depth (batches).
+
+  config.model = ml_collections.ConfigDict()
+  config.model.stage_sizes = (3, 4, 6, 3)  # Bottleneck blocks per ResNet stage (ResNet-50).
+  config.model.width = 64  # channels of the stem and the first stage's bottleneck (64 = ResNet-50).
+  config.model.last_stride = 1  # stride of layer4 (1 keeps layer3's spatial size).
+  config.model.dtype = "float32"  # compute dtype of activations and matmuls (float32 | bfloat16); params stay float32.
+  config.model.agp_stages = (1, 2)  # ResNet stages followed by an AGP module; () = no AGP.
+  config.model.agp_groups = 4  # AGP's C->C gate written as this many parallel C->C/groups maps.
+  config.model.anm_stage = 4  # stage after which ANM runs; 0 = no ANM; 3 = DEEN-style (layer4 runs on the branches).
+  config.model.anm_keep_original = False  # keep the original map as a branch beside the two nuance maps.
+  config.model.num_parts = 0  # horizontal stripes pooled as local features; 0 = global features only.
+  config.model.bn_momentum = 0.9  # BatchNorm running-average decay (PyTorch momentum 0.1).
+  config.model.pretrained = ""  # path of torchvision-layout ResNet-50 weights; "" = random init.
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.id_weight = 1.0  # weight of the cross-entropy ID loss.
+  config.loss.label_smoothing = 0.0  # label smoothing of the ID loss.
+  config.loss.triplet = "hard"  # triplet form: hard (batch-hard) | wrt (weighted regularisation triplet).
+  config.loss.triplet_weight = 1.0  # weight of the triplet loss.
+  config.loss.triplet_margin = 0.3  # margin of the batch-hard triplet loss.
+  config.loss.cnm_weight = 0.8  # weight of the center-guided nuances mining loss; 0 = off.
+  config.loss.cnm_margin = 0.2  # margin of the center-guided nuances mining loss.
+  config.loss.ortho_weight = 0.0  # weight of the orthogonality term between nuance branches (DEEN: 0.01).
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.base_lr = 0.01  # learning rate of the backbone and the frequency modules.
+  config.optim.head_lr = 0.1  # learning rate of the BNNeck and the classifier.
+  config.optim.momentum = 0.9  # SGD momentum.
+  config.optim.nesterov = True  # Nesterov momentum.
+  config.optim.weight_decay = 5e-4  # L2 weight decay added to the gradient (PyTorch SGD style), all params.
+
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.num_epochs = 150  # training length in epochs.
+  config.schedule.steps_per_epoch = 0  # 0 = derive: ceil(max(#visible, #infrared) / (P*K)).
+  config.schedule.warmup_epochs = 10  # linear warm-up: lr*(e+1)/warmup_epochs for e < warmup_epochs.
+  config.schedule.decay_epochs = (20, 80)  # epochs at which the lr is multiplied by decay_factor.
+  config.schedule.decay_factor = 0.1  # multiplicative lr decay at each decay epoch.
+
+  config.evals = ml_collections.ConfigDict()
+  config.evals.every_steps = 0  # evaluate every N steps during training; 0 = only at the end.
+  config.evals.test_flip = False  # test-time flip: embedding = sum over the image and its mirror.
+  config.evals.max_rank = 20  # length of the CMC curve.
+  config.evals.query_chunk = 1024  # queries ranked at once by the jitted evaluator (bounds memory).
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 500  # save a checkpoint every N steps (and at the end).
+  config.checkpoint.keep = 3  # number of latest checkpoints kept.
+  config.checkpoint.async_save = True  # save in the background (waited for before exit).
+
+  config.logging = ml_collections.ConfigDict()
+  config.logging.every_steps = 50  # write train metrics every N steps.
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # devices on the data axis; -1 = all devices not used by other axes.
+  config.mesh.fsdp = 1  # devices on the fsdp (parameter-sharding) axis.
+  return config
