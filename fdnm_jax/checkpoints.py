@@ -1,0 +1,56 @@
+"""Orbax checkpoints of the train state: save every N steps, keep the latest k, resume exactly.
+
+The checkpoint folder is `<workdir>/checkpoints/<step>/state`. Restoring goes into an
+abstract state that carries the current mesh's shardings, so a checkpoint restores onto
+any device count.
+"""
+
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """The folder holding a workdir's checkpoints."""
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(workdir: str, ckpt_config: ml_collections.ConfigDict,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """A CheckpointManager over `<workdir>/checkpoints` keeping the latest `ckpt_config.keep`."""
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=max(1, ckpt_config.every_steps),
+      preservation_policy=ocp.checkpoint_managers.LatestN(n=ckpt_config.keep),
+      enable_async_checkpointing=ckpt_config.async_save,
+      create=not read_only,
+      read_only=read_only,
+  )
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = False) -> bool:
+  """Saves `state` at `step` if the save interval (or `force`) says so; returns whether it did."""
+  return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
+
+
+def abstract_like(state: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) describing `state`: the target of a restore."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, int]:
+  """Restores the checkpoint at `step` (default: the latest) into `abstract_state`'s shardings.
+
+  Returns:
+    (state, step).
+  Raises:
+    FileNotFoundError: no checkpoint in the manager's folder.
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {manager.directory}")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  return restored["state"], step

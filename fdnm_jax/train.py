@@ -1,0 +1,269 @@
+"""The train state, the sharded train step and the train-and-evaluate loop."""
+
+import json
+import math
+import os
+import time
+from typing import Any, Iterator, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from fdnm_jax import checkpoints, losses, optim, sharding
+from fdnm_jax.evaluation import evaluator
+from fdnm_jax.models.fdnm import fdnm_from_config
+from input_pipeline import pipeline, sources
+from input_pipeline.sampling import CrossModalitySampler
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training. All leaves are arrays (checkpointable)."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss term became NaN or infinite."""
+
+
+def _steps_per_epoch(config: ml_collections.ConfigDict, source: sources.DataSource) -> int:
+  if config.schedule.steps_per_epoch > 0:
+    return config.schedule.steps_per_epoch
+  sampler = CrossModalitySampler(source.train_visible.labels, source.train_infrared.labels,
+                                 config.input.num_ids_per_batch, config.input.num_instances, config.seed)
+  return sampler.steps_per_epoch
+
+
+def create_train_state(model: Any, tx: optax.GradientTransformation, rng: jax.Array,
+                       input_shape: tuple[int, int, int, int]) -> TrainState:
+  """Initialises params, BN statistics and optimizer state. `input_shape` = (b, H, W, 3) per modality."""
+  dummy = jnp.zeros(input_shape, jnp.float32)
+  variables = model.init(rng, dummy, dummy, train=False)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+
+def make_train_step(model: Any, tx: optax.GradientTransformation, loss_config: ml_collections.ConfigDict):
+  """fn(state, batch) -> (state, metrics): one SGD step on a cross-modality batch.
+
+  batch: "visible", "infrared" float32 [b, H, W, 3]; "visible_labels", "infrared_labels" int32 [b].
+  metrics: loss terms (float32 scalars) by name ("total", "id", "triplet", ...).
+  """
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    labels = jnp.concatenate([batch["visible_labels"], batch["infrared_labels"]])
+    modality = jnp.concatenate([jnp.zeros_like(batch["visible_labels"]), jnp.ones_like(batch["infrared_labels"])])
+
+    def loss_fn(params):
+      outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                     batch["visible"], batch["infrared"], train=True, mutable=["batch_stats"])
+      total, terms = losses.total_loss(outputs, labels, modality, loss_config)
+      return total, (terms, updates["batch_stats"])
+
+    grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, {k: v.astype(jnp.float32) for k, v in terms.items()}
+
+  return train_step
+
+
+def check_finite(metrics: dict[str, float], step: int) -> None:
+  """Raises NonFiniteLossError naming the step and the first non-finite loss term."""
+  bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+  if bad:
+    terms = ", ".join(f"{k}={metrics[k]}" for k in sorted(metrics))
+    raise NonFiniteLossError(
+        f"non-finite loss at step {step}: term {bad[0]!r} is {metrics[bad[0]]} ({terms}). "
+        "Lower config.optim.base_lr/head_lr, check the input images, or resume from the last checkpoint.")
+
+
+def ensure_writable_dir(path: str) -> None:
+  """Creates `path` if needed and checks that files can be written in it (a clear error otherwise)."""
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except (PermissionError, FileExistsError, NotADirectoryError, OSError) as e:
+    raise PermissionError(
+        f"workdir {path!r} is not a writable folder ({e.__class__.__name__}: {e.strerror or e}). "
+        "Choose another --workdir or fix its permissions.") from e
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as indented JSON atomically (write to a temp file, then rename)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+class MetricsLog:
+  """Writes logged train metrics to clu writers (console, TensorBoard) and `metrics.jsonl`."""
+
+  def __init__(self, workdir: str):
+    self.is_main = jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_main)
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_main else None
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    self.writer.write_scalars(step, scalars)
+    if self.jsonl:
+      self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+      self.jsonl.flush()
+
+  def close(self) -> None:
+    self.writer.flush()
+    if self.jsonl:
+      self.jsonl.close()
+
+
+def _build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh):
+  """The data source, model, optimizer, step count and the (abstract, sharded) state builder."""
+  source = sources.load_source(config, workdir)
+  num_classes = pipeline.num_classes(source.train_visible, source.train_infrared)
+  steps_per_epoch = _steps_per_epoch(config, source)
+  total_steps = config.schedule.num_epochs * steps_per_epoch
+  model = fdnm_from_config(config.model, num_classes)
+  tx = optim.make_optimizer(config.optim, config.schedule, steps_per_epoch)
+  input_shape = (1, config.input.height, config.input.width, 3)
+
+  def init(rng):
+    return create_train_state(model, tx, rng, input_shape)
+
+  rng = jax.random.key(config.seed)
+  abstract = jax.eval_shape(init, rng)
+  state_sharding = sharding.state_shardings(abstract, mesh)
+  init_sharded = jax.jit(init, out_shardings=state_sharding)
+  return source, model, tx, steps_per_epoch, total_steps, abstract, state_sharding, lambda: init_sharded(rng)
+
+
+def variables_of(state: TrainState) -> dict:
+  """The Flax variables (params, batch_stats) of a train state."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _run_eval(model, state, source, config, mesh, workdir, step, log: MetricsLog) -> dict:
+  results = evaluator.evaluate(model, variables_of(state), source, config, mesh)
+  scalars = {f"test/{d}/{k}": v for d, r in results.items() for k, v in r.items() if not isinstance(v, list)}
+  log.write(step, {k: float(v) for k, v in scalars.items()})
+  report = {"name": config.name, "dataset": config.dataset, "protocol": source.protocol, "step": step,
+            "checkpoint_dir": checkpoints.checkpoint_dir(workdir), "directions": results}
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
+    write_json(os.path.join(workdir, "results", f"{config.name}.json"), report)
+  logging.info("Evaluation at step %d (%s):\n%s", step, source.name, evaluator.format_table(results))
+  return report
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates at the end.
+
+  Returns:
+    The final evaluation report (also written to `<workdir>/results/<name>.json`).
+  Raises:
+    NonFiniteLossError: a loss term became NaN/inf (the message names the step and the term).
+  """
+  workdir = os.path.abspath(workdir)
+  ensure_writable_dir(workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  mesh = sharding.make_mesh(config.mesh)
+  global_pk = config.input.num_ids_per_batch * config.input.num_instances
+  if global_pk % sharding.num_batch_shards(mesh):
+    raise ValueError(f"P*K = {global_pk} images per modality do not split over the {sharding.num_batch_shards(mesh)} "
+                     "batch shards of the mesh: change config.input.num_ids_per_batch/num_instances or config.mesh.")
+  source, model, tx, steps_per_epoch, total_steps, abstract, state_sharding, init_state = _build(config, workdir, mesh)
+  logging.info("%s: %d train ids, %d visible + %d infrared train images; %d steps/epoch, %d steps; mesh %s",
+               source.name, pipeline.num_classes(source.train_visible, source.train_infrared),
+               len(source.train_visible), len(source.train_infrared), steps_per_epoch, total_steps,
+               dict(mesh.shape))
+
+  manager = checkpoints.make_manager(workdir, config.checkpoint)
+  log = MetricsLog(workdir)
+  try:
+    if manager.latest_step() is not None:
+      state, start_step = checkpoints.restore(manager, jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding))
+      logging.info("Resumed from the checkpoint at step %d", start_step)
+    else:
+      state, start_step = init_state(), 0
+    if start_step < total_steps:
+      state = _train_loop(config, workdir, mesh, source, model, tx, state, state_sharding, start_step, total_steps,
+                          steps_per_epoch, manager, log)
+    else:
+      logging.info("The checkpoint is at the final step %d: nothing to train.", start_step)
+    return _run_eval(model, state, source, config, mesh, workdir, total_steps, log)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    log.close()
+
+
+def _train_loop(config, workdir, mesh, source, model, tx, state, state_sharding, start_step, total_steps,
+                steps_per_epoch, manager, log) -> TrainState:
+  batch_sharding = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(make_train_step(model, tx, config.loss), in_shardings=(state_sharding, batch_sharding),
+                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  batches: Iterator[dict] = pipeline.train_batches(
+      source.train_visible, source.train_infrared, config.input, seed=config.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  lr_factor = optim.lr_factor_fn(config.schedule, steps_per_epoch)
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=log.writer,
+                                           every_steps=config.logging.every_steps)
+  images_per_step = 2 * config.input.num_ids_per_batch * config.input.num_instances
+  window: list[dict] = []
+  window_start = time.perf_counter()
+  pending: Optional[tuple[int, dict]] = None
+
+  def fetch(item) -> None:
+    step_done, metrics = item
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    check_finite(values, step_done)
+    window.append(values)
+
+  for step in range(start_step, total_steps):
+    batch = next(batches)
+    global_batch = sharding.host_to_global(
+        {k: batch[k] for k in ("visible", "infrared", "visible_labels", "infrared_labels")}, mesh)
+    state, metrics = step_fn(state, global_batch)
+    # Fetch the previous step's metrics after dispatching this one, so the device queue stays full.
+    if pending is not None:
+      fetch(pending)
+    pending = (step, metrics)
+    done = step + 1
+    boundary = (done % config.logging.every_steps == 0 or done == total_steps
+                or (config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0)
+                or (config.evals.every_steps and done % config.evals.every_steps == 0))
+    if boundary:
+      fetch(pending)
+      pending = None
+    if done % config.logging.every_steps == 0 or done == total_steps:
+      elapsed = time.perf_counter() - window_start
+      scalars = {f"train/{k}": float(np.mean([w[k] for w in window])) for k in window[0]}
+      scalars["train/lr"] = config.optim.base_lr * float(lr_factor(step))
+      scalars["train/images_per_sec"] = images_per_step * len(window) / max(elapsed, 1e-9)
+      log.write(done, scalars)
+      window, window_start = [], time.perf_counter()
+    report(done)
+    if boundary:  # metrics checked finite above: the state is safe to save.
+      checkpoints.save(manager, done, state, force=done == total_steps)
+    if config.evals.every_steps and done % config.evals.every_steps == 0 and done != total_steps:
+      with report.timed("eval"):
+        _run_eval(model, state, source, config, mesh, workdir, done, log)
+  return state

@@ -1,0 +1,78 @@
+"""Which image sets a config trains and evaluates on: the data-set registry.
+
+Knows nothing of JAX. Each data set gives its train visible/infrared sets, its test sets
+and the evaluation directions (query set, gallery set) with the protocol that scores them.
+"""
+
+import dataclasses
+import os
+
+import ml_collections
+
+from input_pipeline.datasets import regdb, synthetic
+from input_pipeline.datasets.image_set import ImageSet
+
+KNOWN_DATASETS = ("synthetic", "regdb", "sysu", "llcm")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalDirection:
+  """One retrieval direction: queries from `query`, ranked against `gallery` (keys of test_sets)."""
+  name: str
+  query: str
+  gallery: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  """Everything the trainer needs to know about a data set's files."""
+  name: str
+  protocol: str  # evaluation protocol of compute_metrics: sysu | regdb | llcm.
+  train_visible: ImageSet
+  train_infrared: ImageSet
+  test_sets: dict
+  directions: tuple
+
+
+def _regdb_like(name: str, root: str, trial: int) -> DataSource:
+  sets = regdb.read_regdb(root, trial)
+  return DataSource(
+      name=name, protocol="regdb",
+      train_visible=sets["train_visible"], train_infrared=sets["train_thermal"],
+      test_sets={"visible": sets["test_visible"], "infrared": sets["test_thermal"]},
+      directions=(EvalDirection("visible_to_infrared", "visible", "infrared"),
+                  EvalDirection("infrared_to_visible", "infrared", "visible")))
+
+
+def synthetic_root(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the synthetic data set lives: config.data.root, or <workdir>/synthetic_data."""
+  return config.data.root or os.path.join(workdir, "synthetic_data")
+
+
+def load_source(config: ml_collections.ConfigDict, workdir: str) -> DataSource:
+  """Reads (and for the synthetic set, first generates) the image lists of `config.dataset`.
+
+  Raises:
+    ValueError: unknown data set name or missing data root.
+    FileNotFoundError: the data set's layout is incomplete (the message names the file).
+    NotImplementedError: a data set whose reader does not exist yet.
+  """
+  name = config.dataset
+  if name == "synthetic":
+    s = config.synthetic
+    root = synthetic.generate(
+        synthetic_root(config, workdir), num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
+        images_per_id=s.images_per_id, num_cameras=s.num_cameras, height=s.height, width=s.width,
+        seed=s.seed)
+    return _regdb_like("synthetic", root, config.data.trial)
+  if name == "regdb":
+    if not config.data.root:
+      raise ValueError("config.dataset='regdb' needs the downloaded RegDB folder: "
+                       "pass --config.data.root=/path/to/RegDB (it holds Visible/, Thermal/, idx/).")
+    return _regdb_like("regdb", config.data.root, config.data.trial)
+  if name in ("sysu", "llcm"):
+    raise NotImplementedError(
+        f"config.dataset={name!r}: the {'SYSU-MM01' if name == 'sysu' else 'LLCM'} reader is not built yet "
+        "(it comes with the real-data-sets issue). Train on configs/synthetic.py, or on RegDB with "
+        "configs/regdb.py and --config.data.root=/path/to/RegDB.")
+  raise ValueError(f"config.dataset={name!r} is unknown: use one of {', '.join(KNOWN_DATASETS)}.")

@@ -1,0 +1,64 @@
+"""The optimiser against PyTorch's SGD written out in NumPy, and the schedule against DEEN's rule."""
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from fdnm_jax import optim
+
+
+def _schedule(**kw):
+  s = default.get_config().schedule
+  s.update(kw)
+  return s
+
+
+@pytest.mark.parametrize("epoch, expected", [
+    (0, 0.1), (4, 0.5), (9, 1.0), (10, 1.0), (19, 1.0), (20, 0.1), (79, 0.1), (80, 0.01), (149, 0.01)])
+def test_lr_factor_follows_deen_rule(epoch, expected):
+  # DEEN adjust_learning_rate: e<10: (e+1)/10; e<20: 1; e<80: 0.1; else 0.01.
+  steps_per_epoch = 7
+  factor = optim.lr_factor_fn(_schedule(), steps_per_epoch)
+  for step in (epoch * steps_per_epoch, epoch * steps_per_epoch + steps_per_epoch - 1):
+    assert float(factor(step)) == pytest.approx(expected, rel=1e-6)
+
+
+def _torch_sgd(p, grads, lr, momentum, wd, nesterov):
+  """PyTorch SGD: d = g + wd*p; buf = m*buf + d (buf = d at the first step); d = d + m*buf if nesterov."""
+  buf = None
+  for g in grads:
+    d = g + wd * p
+    buf = d.copy() if buf is None else momentum * buf + d
+    d = d + momentum * buf if nesterov else buf
+    p = p - lr * d
+  return p
+
+
+def test_sgd_matches_pytorch_with_two_lr_groups():
+  cfg = default.get_config()
+  sched = _schedule(warmup_epochs=0, decay_epochs=())
+  tx = optim.make_optimizer(cfg.optim, sched, steps_per_epoch=1)
+  rng = np.random.default_rng(0)
+  params = {"layer1": {"kernel": rng.normal(size=(3, 4)).astype(np.float32)},
+            "bnneck": {"scale": rng.normal(size=(4,)).astype(np.float32)},
+            "classifier": {"kernel": rng.normal(size=(4, 5)).astype(np.float32)}}
+  grads = [{k: {n: rng.normal(size=v.shape).astype(np.float32) for n, v in sub.items()}
+            for k, sub in params.items()} for _ in range(3)]
+  state = tx.init(params)
+  p = {k: {n: jnp.asarray(v) for n, v in sub.items()} for k, sub in params.items()}
+  for g in grads:
+    updates, state = tx.update(g, state, p)
+    p = {k: {n: p[k][n] + updates[k][n] for n in sub} for k, sub in p.items()}
+  for name, lr in (("layer1", 0.01), ("bnneck", 0.1), ("classifier", 0.1)):
+    for n in params[name]:
+      expected = _torch_sgd(params[name][n].astype(np.float64), [g[name][n] for g in grads], lr, 0.9, 5e-4, True)
+      np.testing.assert_allclose(np.asarray(p[name][n]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_param_group_labels():
+  labels = optim.param_group_labels({"bnneck": {"a": 1}, "bnneck_part0": {"a": 1}, "classifier": {"k": 1},
+                                     "layer4": {"block0": {"k": 1}}, "visible_stem": {"k": 1}})
+  assert labels == {"bnneck": {"a": "head"}, "bnneck_part0": {"a": "head"}, "classifier": {"k": "head"},
+                    "layer4": {"block0": {"k": "backbone"}}, "visible_stem": {"k": "backbone"}}
