@@ -57,7 +57,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_config: m
   """fn(state, batch) -> (state, metrics): one SGD step on a cross-modality batch.
 
   batch: "visible", "infrared" float32 [b, H, W, 3]; "visible_labels", "infrared_labels" int32 [b].
-  metrics: loss terms (float32 scalars) by name ("total", "id", "triplet", ...).
+  metrics: loss terms (float32 scalars) by name ("total", "id", "triplet", ...) and "grad_norm".
   """
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -74,13 +74,15 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_config: m
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, {k: v.astype(jnp.float32) for k, v in terms.items()}
+    metrics = {k: v.astype(jnp.float32) for k, v in terms.items()}
+    metrics["grad_norm"] = optax.global_norm(grads).astype(jnp.float32)
+    return new_state, metrics
 
   return train_step
 
 
 def check_finite(metrics: dict[str, float], step: int) -> None:
-  """Raises NonFiniteLossError naming the step and the first non-finite loss term."""
+  """Raises NonFiniteLossError naming the step (1-based, as logged) and the first non-finite term."""
   bad = [k for k, v in metrics.items() if not math.isfinite(v)]
   if bad:
     terms = ", ".join(f"{k}={metrics[k]}" for k in sorted(metrics))
@@ -245,8 +247,8 @@ def _train_loop(config, workdir, mesh, source, model, tx, state, state_sharding,
     # Fetch the previous step's metrics after dispatching this one, so the device queue stays full.
     if pending is not None:
       fetch(pending)
-    pending = (step, metrics)
     done = step + 1
+    pending = (done, metrics)
     boundary = (done % config.logging.every_steps == 0 or done == total_steps
                 or (config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0)
                 or (config.evals.every_steps and done % config.evals.every_steps == 0))

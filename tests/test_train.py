@@ -1,0 +1,186 @@
+"""End-to-end: train + evaluate the tiny config, resume, device-count invariance, bad input.
+
+Each test builds its own workdir under tmp_path; the slow ones run `main.py` in a subprocess
+(a fresh JAX per run, as a user runs it).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fdnm_jax import train
+from tests.configs import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "tests", "configs", "tiny.py")
+
+
+def run_main(workdir, *overrides, devices=1, check=True, timeout=600):
+  env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  cmd = [sys.executable, os.path.join(REPO, "main.py"), f"--config={TINY}", f"--workdir={workdir}", *overrides]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def train_rows(workdir):
+  return [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/total" in r]
+
+
+def final_metrics(workdir, name="tiny"):
+  with open(os.path.join(workdir, "results", f"{name}.json")) as f:
+    report = json.load(f)
+  return {(d, k): v for d, r in report["directions"].items() for k, v in r.items() if not isinstance(v, list)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One uninterrupted in-process run of the tiny config (4 steps), shared by the tests below."""
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  report = train.train_and_evaluate(tiny.get_config(), workdir)
+  return workdir, report
+
+
+@pytest.mark.slow
+def test_run_writes_config_metrics_checkpoints_and_results(trained):
+  workdir, report = trained
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["agp_stages"] == [1, 2]
+  rows = train_rows(workdir)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for r in rows:
+    for key in ("train/total", "train/id", "train/triplet", "train/cnm", "train/lr", "train/images_per_sec",
+                "train/grad_norm"):
+      assert np.isfinite(r[key]), key
+  # lr: warm-up epoch 0 -> 0.01 * 1/1, epoch 1 -> decayed x0.1 (decay_epochs=(1,), 2 steps per epoch).
+  np.testing.assert_allclose([r["train/lr"] for r in rows], [0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  assert set(report["directions"]) == {"visible_to_infrared", "infrared_to_visible"}
+  for r in report["directions"].values():
+    assert 0 <= r["mINP"] <= r["mAP"] <= 100 and r["rank1"] <= r["rank5"] <= r["rank10"] <= r["rank20"] <= 100
+    assert r["num_query"] == r["num_gallery"] == 16  # 4 test ids x 4 images per modality.
+  assert final_metrics(workdir) == {(d, k): v for d, r in report["directions"].items()
+                                    for k, v in r.items() if not isinstance(v, list)}
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_workdir_does_not_train_again(trained):
+  workdir, report = trained
+  again = train.train_and_evaluate(tiny.get_config(), workdir)
+  assert [r["step"] for r in train_rows(workdir)] == [1, 2, 3, 4]  # no new train rows.
+  assert again["directions"] == report["directions"]
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted_run(trained, tmp_path):
+  reference, _ = trained
+  workdir = str(tmp_path / "killed")
+  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  # An evaluation right after the step-2 checkpoint holds the run there for a few seconds: the kill
+  # lands after that checkpoint and before the end (evaluation does not change the training trajectory).
+  proc = subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"), f"--config={TINY}",
+                           f"--workdir={workdir}", "--config.evals.every_steps=2"], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = os.path.join(workdir, "checkpoints", "2")
+  deadline = time.time() + 300
+  while not os.path.isdir(ckpt) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.isdir(ckpt), "the run never wrote its step-2 checkpoint"
+  assert not os.path.exists(os.path.join(workdir, "checkpoints", "4")), "the run finished before the kill"
+  run_main(workdir)
+  got, want = final_metrics(workdir), final_metrics(reference)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=str(k))
+
+
+@pytest.mark.slow
+def test_eight_devices_log_the_same_losses_as_one(tmp_path):
+  runs = {}
+  for devices in (1, 8):
+    workdir = str(tmp_path / f"d{devices}")
+    run_main(workdir, "--config.schedule.num_epochs=1", devices=devices)
+    runs[devices] = train_rows(workdir)
+  assert [r["step"] for r in runs[8]] == [1, 2]
+  for r1, r8 in zip(runs[1], runs[8]):
+    for key in ("train/total", "train/id", "train/triplet", "train/cnm", "train/grad_norm"):
+      np.testing.assert_allclose(r8[key], r1[key], rtol=1e-4, err_msg=f"step {r1['step']} {key}")
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_the_step_and_term_and_keeps_what_was_written(tmp_path):
+  workdir = str(tmp_path / "nan")
+  proc = run_main(workdir, "--config.optim.base_lr=1e30", "--config.optim.head_lr=1e30",
+                  "--config.checkpoint.every_steps=1", check=False)
+  assert proc.returncode != 0
+  err = proc.stderr
+  assert "non-finite loss at step 2" in err and "Traceback" not in err, err[-3000:]
+  assert "term '" in err
+  assert [r["step"] for r in train_rows(workdir)] == [1]
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
+
+
+def test_unknown_config_key_is_rejected_with_its_name(tmp_path):
+  proc = run_main(str(tmp_path / "w"), "--config.model.no_such_field=3", check=False)
+  assert proc.returncode != 0
+  assert "no_such_field" in proc.stderr
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.parametrize("dataset, words", [("sysu", "SYSU-MM01 reader is not built yet"),
+                                            ("llcm", "LLCM reader is not built yet"),
+                                            ("regdb", "--config.data.root=/path/to/RegDB"),
+                                            ("market", "is unknown")])
+def test_data_sets_without_data_fail_with_a_clear_message(tmp_path, dataset, words):
+  proc = run_main(str(tmp_path / "w"), f"--config.dataset={dataset}", check=False)
+  assert proc.returncode != 0
+  assert words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def _write_probe_as_nobody(path, conn):
+  """Child process: drop root (which ignores permission bits) and try the workdir check."""
+  try:
+    if os.getuid() == 0:
+      os.setgid(65534)
+      os.setuid(65534)
+    train.ensure_writable_dir(path)
+    conn.send("no error")
+  except PermissionError as e:
+    conn.send(str(e))
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  import multiprocessing as mp
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  os.chmod(locked, 0o555)
+  os.chmod(tmp_path, 0o755)
+  ctx = mp.get_context("fork")
+  parent, child = ctx.Pipe()
+  p = ctx.Process(target=_write_probe_as_nobody, args=(str(locked / "run"), child))
+  p.start()
+  p.join(60)
+  message = parent.recv()
+  assert "is not a writable folder" in message and "--workdir" in message, message
+
+
+def test_workdir_that_is_a_file_is_a_clear_error(tmp_path):
+  f = tmp_path / "file"
+  f.write_text("x")
+  with pytest.raises(PermissionError, match="is not a writable folder"):
+    train.ensure_writable_dir(str(f))
