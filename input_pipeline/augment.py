@@ -1,0 +1,167 @@
+"""Image transforms of the train and eval streams, as TensorFlow ops on one image.
+
+Images are float32 [H, W, 3] (channels R, G, B). Before `normalize` the values are in [0, 1]; after it,
+in ImageNet-standardised units. Every random op is stateless: it takes a `seed` (int32/int64 [2]) and is
+a pure function of (image, seed), so the pipeline derives one seed per (run seed, step, image index) and
+the stream is reproducible and resumable.
+
+Train recipe (FDNM_SPEC.md §3; DEEN's transform_regdb/transform_sysu, with CAJ's channel augmentation):
+  resize to H x W -> zero-pad `pad` -> random grayscale -> random crop back to H x W -> horizontal flip
+  -> normalise -> random erasing -> channel augmentation.
+Eval: resize -> normalise.
+"""
+
+from typing import Any
+
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # per-channel mean (R, G, B) of ImageNet, [0, 1] pixel units.
+IMAGENET_STD = (0.229, 0.224, 0.225)  # per-channel standard deviation (R, G, B) of ImageNet, [0, 1] units.
+# RGB -> gray weights of PIL's convert("L") (ITU-R 601-2 luma), which DEEN's RandomGrayscale applies to PIL images.
+GRAYSCALE_WEIGHTS = (0.299, 0.587, 0.114)
+ERASING_ATTEMPTS = 100  # rectangles tried by random erasing before giving up (as in DEEN's RandomErasing).
+NUM_TRAIN_SEEDS = 5  # seeds one training image consumes: crop, grayscale, flip, erasing, channel.
+
+
+def to_float(image: tf.Tensor) -> tf.Tensor:
+  """uint8 [H, W, C] in 0..255 -> float32 [H, W, C] in [0, 1]."""
+  return tf.cast(image, tf.float32) / 255.0
+
+
+def resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+  """Bilinear resize (half-pixel centres, no antialiasing) of [h, w, C] to float32 [height, width, C].
+
+  A same-size resize returns the image unchanged.
+  """
+  return tf.image.resize(tf.cast(image, tf.float32), (height, width), method="bilinear", antialias=False)
+
+
+def pad_and_random_crop(image: tf.Tensor, pad: int, seed: tf.Tensor) -> tf.Tensor:
+  """Pads `pad` zero pixels on each side, then crops a random window of the input's size.
+
+  [H, W, C] -> [H, W, C]; the window's top-left offset is uniform over the (2*pad + 1)^2 positions.
+  """
+  if pad <= 0:
+    return image
+  size = image.shape if image.shape.is_fully_defined() else tf.shape(image)
+  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+  return tf.image.stateless_random_crop(padded, size, seed=seed)
+
+
+def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """Mirrors [H, W, C] left-right with probability 0.5."""
+  return tf.image.stateless_random_flip_left_right(image, seed=seed)
+
+
+def grayscale(image: tf.Tensor) -> tf.Tensor:
+  """[H, W, 3] -> [H, W, 3] with every channel = 0.299 R + 0.587 G + 0.114 B."""
+  gray = tf.reduce_sum(image * tf.constant(GRAYSCALE_WEIGHTS, image.dtype), axis=-1, keepdims=True)
+  return tf.tile(gray, [1, 1, 3])
+
+
+def random_grayscale(image: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.Tensor:
+  """`grayscale(image)` with probability `probability`, else the image. [H, W, 3] -> [H, W, 3]."""
+  if probability <= 0:
+    return image
+  apply = tf.random.stateless_uniform([], seed=seed) < probability
+  return tf.where(apply, grayscale(image), image)
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+  """(image - IMAGENET_MEAN) / IMAGENET_STD per channel; [H, W, 3] in [0, 1] -> float32 [H, W, 3]."""
+  return (image - tf.constant(IMAGENET_MEAN, image.dtype)) / tf.constant(IMAGENET_STD, image.dtype)
+
+
+def erasing_rectangle(height: int, width: int, probability: float, area_range: tuple[float, float],
+                      min_aspect: float, seed: tf.Tensor) -> tf.Tensor:
+  """The (top, left, h, w) int32 [4] rectangle random erasing picks; h = w = 0 when it erases nothing.
+
+  DEEN's / AGW's RandomErasing (Zhong et al. 2017): with probability `probability`, up to 100 attempts of
+  target area = U(area_range) * H * W, aspect = U(min_aspect, 1 / min_aspect), h = round(sqrt(area *
+  aspect)), w = round(sqrt(area / aspect)); the first attempt with h < H and w < W is taken, its top-left
+  corner uniform over the positions where it fits (top in 0..H-h, left in 0..W-w). Rounding is half to
+  even, like Python's round.
+  """
+  seeds = tf.random.experimental.stateless_split(seed, 5)
+  apply = tf.random.stateless_uniform([], seed=seeds[0]) < probability
+  area = float(height * width)
+  target = tf.random.stateless_uniform([ERASING_ATTEMPTS], seed=seeds[1], minval=area_range[0],
+                                       maxval=area_range[1]) * area
+  aspect = tf.random.stateless_uniform([ERASING_ATTEMPTS], seed=seeds[2], minval=min_aspect,
+                                       maxval=1.0 / min_aspect)
+  h = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)
+  w = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
+  valid = (h < height) & (w < width)
+  first = tf.argmax(tf.cast(valid, tf.int32), output_type=tf.int32)
+  found = apply & tf.reduce_any(valid)
+  h, w = h[first], w[first]
+  top = tf.cast(tf.random.stateless_uniform([], seed=seeds[3]) * tf.cast(height - h + 1, tf.float32), tf.int32)
+  left = tf.cast(tf.random.stateless_uniform([], seed=seeds[4]) * tf.cast(width - w + 1, tf.float32), tf.int32)
+  top = tf.minimum(top, height - h)
+  left = tf.minimum(left, width - w)
+  zero = tf.constant(0, tf.int32)
+  return tf.stack([tf.where(found, top, zero), tf.where(found, left, zero), tf.where(found, h, zero),
+                   tf.where(found, w, zero)])
+
+
+def random_erasing(image: tf.Tensor, probability: float, area_range: tuple[float, float], min_aspect: float,
+                   seed: tf.Tensor, fill: tuple[float, ...] = IMAGENET_MEAN) -> tf.Tensor:
+  """Erases the rectangle of `erasing_rectangle` in a normalised [H, W, 3] image, writing `fill` into it.
+
+  As in DEEN, AGW and CAJ, the fill is the literal numbers (0.485, 0.456, 0.406) written into the
+  already-normalised image (so, not the mean colour, which would be 0 there); reproduced as is.
+  Needs a static image size.
+  """
+  if probability <= 0:
+    return image
+  height, width = int(image.shape[0]), int(image.shape[1])
+  top, left, h, w = tf.unstack(erasing_rectangle(height, width, probability, area_range, min_aspect, seed))
+  rows = tf.range(height)
+  cols = tf.range(width)
+  inside = (((rows >= top) & (rows < top + h))[:, None] & ((cols >= left) & (cols < left + w))[None, :])
+  return tf.where(inside[..., None], tf.constant(fill, image.dtype), image)
+
+
+def channel_augmentation(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """CAJ's channel augmentation (ChannelAdap): with p = 3/4 every channel <- one of R, G, B (each 1/4).
+
+  Draws c uniform in {0, 1, 2, 3}; c < 3 replaces all channels by channel c, c = 3 keeps the image. CAJ's
+  ChannelAdapGray also grays half of the kept images; here that is `random_grayscale`'s job.
+  [H, W, 3] -> [H, W, 3].
+  """
+  choice = tf.random.stateless_uniform([], seed=seed, minval=0, maxval=4, dtype=tf.int32)
+  picked = tf.tile(tf.gather(image, tf.minimum(choice, 2), axis=-1)[..., None], [1, 1, 3])
+  return tf.where(choice < 3, picked, image)
+
+
+def train_transform(image: tf.Tensor, seed: tf.Tensor, input_config: Any) -> tf.Tensor:
+  """The training augmentation of one decoded image (recipe in the module docstring).
+
+  Args:
+    image: uint8 [h, w, 3], any size.
+    seed: int32/int64 [2], this image's seed.
+    input_config: `config.input` (height, width, pad, flip, random_grayscale, random_erasing,
+      erasing_area, erasing_min_aspect, channel_aug); a switched-off op consumes no randomness, and the
+      others' randomness does not depend on which ops are on.
+  Returns:
+    float32 [height, width, 3], normalised.
+  """
+  c = input_config
+  seeds = tf.random.experimental.stateless_split(seed, NUM_TRAIN_SEEDS)
+  x = resize(image, c.height, c.width) / 255.0
+  # DEEN pads, grays, then crops; graying is per pixel and keeps the zero padding zero, so graying first
+  # and then padding and cropping gives the same image.
+  x = random_grayscale(x, c.random_grayscale, seeds[1])
+  x = pad_and_random_crop(x, c.pad, seeds[0])
+  if c.flip:
+    x = random_flip(x, seeds[2])
+  x = normalize(x)
+  x = random_erasing(x, c.random_erasing, tuple(c.erasing_area), c.erasing_min_aspect, seeds[3])
+  if c.channel_aug:
+    x = channel_augmentation(x, seeds[4])
+  return tf.ensure_shape(x, (c.height, c.width, 3))
+
+
+def eval_transform(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+  """uint8 [h, w, 3] -> float32 [height, width, 3]: resize, normalise."""
+  return normalize(resize(image, height, width) / 255.0)

@@ -1,0 +1,47 @@
+"""A list of images of one modality with their person ids and cameras: what every reader returns."""
+
+import dataclasses
+
+import numpy as np
+
+VISIBLE = 0  # ImageSet.modality of visible (RGB) images.
+INFRARED = 1  # ImageSet.modality of infrared (thermal / near-infrared) images.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageSet:
+  """Images of one modality, in file-list order.
+
+  Attributes:
+    paths: absolute file paths, one per image.
+    labels: int32 [N], person ids as written in the data set's list files (not relabelled).
+    cameras: int32 [N], camera ids (1-based, as the data set numbers them).
+    modality: VISIBLE (0) or INFRARED (1).
+
+  The arrays are converted to int32 and made read-only. Equality is identity (`eq=False`): compare the
+  fields yourself, since `==` on NumPy arrays is element-wise.
+  """
+  paths: tuple[str, ...]
+  labels: np.ndarray
+  cameras: np.ndarray
+  modality: int
+
+  def __post_init__(self):
+    paths = tuple(str(p) for p in self.paths)
+    labels = np.array(self.labels, dtype=np.int32).reshape(-1)
+    cameras = np.array(self.cameras, dtype=np.int32).reshape(-1)
+    if not len(paths) == len(labels) == len(cameras):
+      raise ValueError(f"ImageSet needs one label and one camera per path: got {len(paths)} paths, "
+                       f"{len(labels)} labels, {len(cameras)} cameras.")
+    if self.modality not in (VISIBLE, INFRARED):
+      raise ValueError(f"ImageSet.modality must be {VISIBLE} (visible) or {INFRARED} (infrared), "
+                       f"got {self.modality!r}.")
+    labels.setflags(write=False)
+    cameras.setflags(write=False)
+    object.__setattr__(self, "paths", paths)
+    object.__setattr__(self, "labels", labels)
+    object.__setattr__(self, "cameras", cameras)
+    object.__setattr__(self, "modality", int(self.modality))
+
+  def __len__(self) -> int:
+    return len(self.paths)

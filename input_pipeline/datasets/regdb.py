@@ -1,0 +1,85 @@
+"""Reader of RegDB's on-disk layout (FDNM_SPEC.md §5), also used for the synthetic set written in it.
+
+  <root>/Visible/<pid>/<file>.bmp
+  <root>/Thermal/<pid>/<file>.bmp
+  <root>/idx/{train,test}_{visible,thermal}_{1..10}.txt   lines "<path relative to root> <label>"
+
+Labels are kept as written in the list files (RegDB's lists already number each file's identities
+0..N-1). Cameras: RegDB has one visible and one thermal camera, numbered 1 (visible) and 2 (thermal);
+a file whose name starts with `c<digits>_` (the synthetic set, e.g. `c3_0004.bmp`) takes that camera.
+"""
+
+import os
+import re
+
+import numpy as np
+
+from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
+
+NUM_TRIALS = 10
+VISIBLE_CAMERA = 1  # camera id of RegDB's visible images.
+THERMAL_CAMERA = 2  # camera id of RegDB's thermal images.
+_LAYOUT = ("expected the layout Visible/<pid>/*.bmp, Thermal/<pid>/*.bmp, "
+           "idx/{train,test}_{visible,thermal}_{1..10}.txt (FDNM_SPEC.md §5; RegDB as downloaded)")
+_CAMERA_PREFIX = re.compile(r"^c(\d+)_")
+
+
+def read_regdb(root: str, trial: int) -> dict[str, ImageSet]:
+  """The four image lists of RegDB split `trial`.
+
+  Args:
+    root: the RegDB folder (holding Visible/, Thermal/, idx/).
+    trial: the split, 1..10.
+  Returns:
+    {"train_visible", "train_thermal", "test_visible", "test_thermal"} -> ImageSet with absolute paths,
+    the list files' labels, cameras (see the module docstring) and modality 0 (visible) or 1 (thermal).
+  Raises:
+    ValueError: `trial` outside 1..10, or a malformed list line (names the file and the line number).
+    FileNotFoundError: a missing folder, list file or image (names it, and the expected layout).
+  """
+  if isinstance(trial, bool) or not isinstance(trial, (int, np.integer)) or not 1 <= trial <= NUM_TRIALS:
+    raise ValueError(f"RegDB trial must be an int in 1..{NUM_TRIALS}, got {trial!r}: set config.data.trial.")
+  root = os.path.abspath(os.fspath(root))
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"RegDB folder {root} not found: {_LAYOUT}. Set config.data.root to it.")
+  for folder in ("Visible", "Thermal", "idx"):
+    if not os.path.isdir(os.path.join(root, folder)):
+      raise FileNotFoundError(f"RegDB folder {folder}/ not found under {root}: {_LAYOUT}.")
+  sets = {}
+  for part in ("train", "test"):
+    for kind, modality in (("visible", VISIBLE), ("thermal", INFRARED)):
+      rel = f"idx/{part}_{kind}_{trial}.txt"
+      if not os.path.isfile(os.path.join(root, rel)):
+        raise FileNotFoundError(f"RegDB split file {rel} not found under {root}: {_LAYOUT}.")
+      sets[f"{part}_{kind}"] = _read_list(root, rel, modality)
+  return sets
+
+
+def camera_of(path: str, modality: int) -> int:
+  """Camera id of an image: `c<digits>_` file-name prefix if present, else 1 (visible) / 2 (thermal)."""
+  match = _CAMERA_PREFIX.match(os.path.basename(path))
+  if match:
+    return int(match.group(1))
+  return VISIBLE_CAMERA if modality == VISIBLE else THERMAL_CAMERA
+
+
+def _read_list(root: str, rel: str, modality: int) -> ImageSet:
+  path = os.path.join(root, rel)
+  paths, labels, cameras = [], [], []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      fields = line.split()
+      if not fields:
+        continue
+      if len(fields) != 2 or not re.fullmatch(r"\d+", fields[1]):
+        raise ValueError(f"{path}, line {number}: expected '<relative image path> <non-negative integer label>', "
+                         f"got {line.rstrip()!r}. Fix or re-download the RegDB list files.")
+      image = os.path.normpath(os.path.join(root, fields[0]))
+      if not os.path.isfile(image):
+        raise FileNotFoundError(f"RegDB image {fields[0]} (listed in {rel}, line {number}) not found under "
+                                f"{root}: {_LAYOUT}.")
+      paths.append(image)
+      labels.append(int(fields[1]))
+      cameras.append(camera_of(image, modality))
+  return ImageSet(paths=tuple(paths), labels=np.array(labels, np.int32), cameras=np.array(cameras, np.int32),
+                  modality=modality)

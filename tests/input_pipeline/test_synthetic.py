@@ -1,0 +1,146 @@
+"""The synthetic generator: determinism, idempotence, RegDB layout, and a real modality gap."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from input_pipeline.datasets import synthetic
+SMALL = dict(num_train_ids=3, num_test_ids=2, images_per_id=2, num_cameras=2, height=32, width=16, seed=0)
+
+
+def _tree_bytes(root: str) -> dict[str, bytes]:
+  out = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
+def _list(root: str, name: str) -> list[tuple[str, int]]:
+  with open(os.path.join(root, "idx", name), encoding="utf-8") as f:
+    return [(line.split()[0], int(line.split()[1])) for line in f if line.strip()]
+
+
+def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
+  a = _tree_bytes(synthetic.generate(str(tmp_path / "a"), **SMALL))
+  b = _tree_bytes(synthetic.generate(str(tmp_path / "b"), **SMALL))
+  c = _tree_bytes(synthetic.generate(str(tmp_path / "c"), **dict(SMALL, seed=1)))
+  assert a == b
+  images = [k for k in a if k.endswith(".bmp")]
+  assert len(images) == 5 * 2 * 2
+  assert all(a[k] != c[k] for k in images)
+
+
+def test_matching_manifest_is_reused_and_mismatch_regenerates(tmp_path):
+  root = str(tmp_path / "set")
+  synthetic.generate(root, **SMALL)
+  probe = os.path.join(root, "Visible", "1", "c1_0000.bmp")
+  before = os.stat(probe).st_mtime_ns
+  os.utime(probe, ns=(before - 10**9, before - 10**9))
+  assert synthetic.generate(root, **SMALL) == os.path.abspath(root)
+  assert os.stat(probe).st_mtime_ns == before - 10**9  # untouched: not regenerated
+
+  synthetic.generate(root, **dict(SMALL, seed=5))
+  with open(os.path.join(root, synthetic.MANIFEST)) as f:
+    assert json.load(f)["seed"] == 5
+  assert _tree_bytes(root) == _tree_bytes(synthetic.generate(str(tmp_path / "fresh"), **dict(SMALL, seed=5)))
+  assert sorted(os.listdir(tmp_path)) == ["fresh", "set"]  # no temporary folders left behind
+
+
+def test_refuses_a_foreign_non_empty_folder(tmp_path):
+  (tmp_path / "mine.txt").write_text("user data")
+  with pytest.raises(FileExistsError, match="not a generated synthetic set"):
+    synthetic.generate(str(tmp_path), **SMALL)
+  assert (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def test_rejects_bad_parameters(tmp_path):
+  with pytest.raises(ValueError, match="num_cameras"):
+    synthetic.generate(str(tmp_path / "x"), **dict(SMALL, num_cameras=0))
+  with pytest.raises(TypeError, match="height"):
+    synthetic.generate(str(tmp_path / "x"), **dict(SMALL, height=32.0))
+
+
+def test_layout_is_regdb(tiny_root, tiny_params):
+  keys = ("num_train_ids", "num_test_ids", "images_per_id", "num_cameras")
+  n_train, n_test, n_img, n_cam = (tiny_params[k] for k in keys)
+  pids = set(range(1, n_train + n_test + 1))
+  assert set(os.listdir(os.path.join(tiny_root, "Visible"))) == {str(p) for p in pids}
+  assert set(os.listdir(os.path.join(tiny_root, "Thermal"))) == {str(p) for p in pids}
+  expected_lists = {f"{part}_{kind}_{t}.txt" for part in ("train", "test") for kind in ("visible", "thermal")
+                    for t in range(1, 11)}
+  assert set(os.listdir(os.path.join(tiny_root, "idx"))) == expected_lists
+  partitions = set()
+  for t in range(1, 11):
+    ids = {}
+    for part, n_ids in (("train", n_train), ("test", n_test)):
+      for kind, folder in (("visible", "Visible"), ("thermal", "Thermal")):
+        lines = _list(tiny_root, f"{part}_{kind}_{t}.txt")
+        assert len(lines) == n_ids * n_img
+        pid_of = [int(rel.split("/")[1]) for rel, _ in lines]
+        for rel, _ in lines:
+          assert rel.startswith(folder + "/") and rel.endswith(".bmp")
+          assert os.path.isfile(os.path.join(tiny_root, rel))
+        # labels: the file's identities relabelled 0..N-1 in ascending pid order
+        order = sorted(set(pid_of))
+        assert [label for _, label in lines] == [order.index(p) for p in pid_of]
+        assert pid_of == sorted(pid_of)
+        ids[(part, kind)] = frozenset(pid_of)
+      assert ids[(part, "visible")] == ids[(part, "thermal")]
+    assert not ids[("train", "visible")] & ids[("test", "visible")]
+    assert ids[("train", "visible")] | ids[("test", "visible")] == pids
+    partitions.add(ids[("train", "visible")])
+  assert len(partitions) > 1  # the splits differ
+  # camera in the file name: visible 1..C, thermal C+1..2C, image i from camera i % C
+  visible = sorted(os.listdir(os.path.join(tiny_root, "Visible", "1")))
+  thermal = sorted(os.listdir(os.path.join(tiny_root, "Thermal", "1")))
+  assert visible == sorted(f"c{1 + i % n_cam}_{i:04d}.bmp" for i in range(n_img))
+  assert thermal == sorted(f"c{n_cam + 1 + i % n_cam}_{i:04d}.bmp" for i in range(n_img))
+
+
+def test_bmp_files_decode_to_the_rendered_images(tiny_root, tiny_params):
+  p = tiny_params
+  for modality, folder, camera in ((0, "Visible", 2), (1, "Thermal", 4)):  # image 1: camera 1 + 1 % 2, then + 2
+    path = os.path.join(tiny_root, folder, "3", f"c{camera}_0001.bmp")
+    with Image.open(path) as im:
+      assert im.format == "BMP" and im.mode == "RGB" and im.size == (p["width"], p["height"])
+      pixels = np.asarray(im)
+    expected = synthetic.render_image(p["seed"], 3, modality, 1, p["num_cameras"], p["height"], p["width"])
+    np.testing.assert_array_equal(pixels, expected)
+
+
+def _images(modality: int, pids, n=4, h=64, w=32) -> np.ndarray:
+  return np.stack([synthetic.render_image(0, p, modality, i, 2, h, w) for p in pids for i in range(n)])
+
+
+def test_modality_gap_is_real():
+  pids = range(1, 13)
+  vis = _images(0, pids).astype(np.float64) / 255.0
+  ir = _images(1, pids).astype(np.float64) / 255.0
+  # infrared: one intensity replicated to three channels; visible: coloured
+  assert np.array_equal(ir[..., 0], ir[..., 1]) and np.array_equal(ir[..., 0], ir[..., 2])
+  assert np.mean(vis.max(-1) - vis.min(-1)) > 0.1
+  # per-channel statistics differ between modalities
+  assert np.abs(vis.mean(axis=(0, 1, 2)) - ir.mean(axis=(0, 1, 2))).max() > 0.03
+  # spectrum: infrared is smoother (less neighbour-difference energy per unit of contrast)
+  def roughness(x):
+    g = x.mean(-1)
+    return np.mean(np.abs(np.diff(g, axis=2))) / np.mean(g.std(axis=(1, 2)))
+  assert roughness(ir) < 0.75 * roughness(vis)
+
+
+@pytest.mark.parametrize("modality", [0, 1])
+def test_images_carry_identity_within_a_modality(modality):
+  pids, n = range(1, 13), 4
+  x = _images(modality, pids, n=n).astype(np.float64).mean(-1).reshape(len(pids) * n, -1)
+  x = (x - x.mean(1, keepdims=True)) / x.std(1, keepdims=True)
+  sim = x @ x.T
+  np.fill_diagonal(sim, -np.inf)
+  labels = np.repeat(np.arange(len(pids)), n)
+  rank1 = np.mean(labels[sim.argmax(1)] == labels)
+  assert rank1 > 3.0 / len(pids)  # nearest neighbour on raw pixels, well above chance (1/12)
