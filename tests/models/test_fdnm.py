@@ -1,0 +1,178 @@
+"""Tests of the FDNM assembly and head (fdnm_jax/models/fdnm.py) on the tiny model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from fdnm_jax.models import FDNM
+from fdnm_jax.models import fdnm
+from fdnm_jax.models import fdnm_from_config
+
+NUM_CLASSES = 5
+BV, BI, H, W = 2, 3, 64, 32  # tiny maps: layer1 16x8x32 ... layer4 4x2x256
+D = 256
+
+COMBOS = {
+    "plain": dict(),
+    "agp12": dict(agp_stages=(1, 2)),
+    "anm4": dict(anm_stage=4),
+    "anm3_keep": dict(anm_stage=3, anm_keep_original=True),
+    "parts2": dict(num_parts=2),
+}
+# (branches, nuances) per combo.
+BRANCHES = {"plain": (1, 0), "agp12": (1, 0), "anm4": (2, 2), "anm3_keep": (3, 2), "parts2": (1, 0)}
+
+
+def _tiny(**kwargs):
+  return FDNM(num_classes=NUM_CLASSES, stage_sizes=(1, 1, 1, 1), width=8, **kwargs)
+
+
+def _images(seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(BV, H, W, 3)).astype(np.float32), rng.normal(size=(BI, H, W, 3)).astype(np.float32))
+
+
+def _random_variables(model, visible, infrared, seed=0):
+  """Variables with init's tree, filled from NumPy (fan-in scaled kernels): avoids compiling init."""
+  shapes = jax.eval_shape(lambda v, i: model.init(jax.random.key(0), v, i), visible, infrared)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      return rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
+    if name in ("scale", "var"):
+      return rng.uniform(0.8, 1.2, leaf.shape).astype(np.float32)
+    return rng.normal(0.0, 0.1, leaf.shape).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+_apply_train = jax.jit(lambda model, var, v, i: model.apply(var, v, i, train=True, mutable=["batch_stats"]),
+                       static_argnums=0)
+_apply_eval = jax.jit(lambda model, var, v, i: model.apply(var, v, i, train=False), static_argnums=0)
+
+
+@pytest.fixture(scope="module", params=list(COMBOS))
+def combo(request):
+  model = _tiny(**COMBOS[request.param])
+  visible, infrared = _images()
+  variables = _random_variables(model, visible, infrared)
+  out, updated = _apply_train(model, variables, visible, infrared)
+  return request.param, model, variables, out, updated
+
+
+def test_train_outputs(combo):
+  name, model, variables, out, updated = combo
+  nb, nn_ = BRANCHES[name]
+  parts = model.num_parts
+  r = nb * (1 + parts)
+  b = BV + BI
+  expected = {"global": (b, D), "nuances": (nn_, b, D), "features": (r, b, D), "part_features": (parts, nb, b, D),
+              "logits": (r, b, NUM_CLASSES), "embedding": (b, r * D)}
+  assert {k: v.shape for k, v in out.items()} == expected
+  for v in out.values():
+    assert v.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(v)))
+  changed = jax.tree.map(lambda a, c: not np.allclose(a, c), variables["batch_stats"], updated["batch_stats"])
+  assert all(jax.tree.leaves(changed))
+  if name == "anm3_keep":
+    np.testing.assert_array_equal(out["global"], out["features"][0])  # the original branch
+  if name == "parts2":  # H = 4 rows: two equal stripes average to the global feature
+    np.testing.assert_allclose(out["features"][0], out["part_features"].mean(axis=0)[0], atol=1e-5)
+    np.testing.assert_array_equal(out["features"][1:], out["part_features"][:, 0])
+
+
+def test_head_matches_numpy(combo):
+  """BNNeck (batch statistics over each entry group's branches) -> classifier, and the embedding."""
+  _, model, variables, out, _ = combo
+  p = variables["params"]
+  features = np.asarray(out["features"], np.float64)
+  nb = features.shape[0] // (1 + model.num_parts)
+  bn = []
+  for g, name in enumerate(["bnneck"] + [f"bnneck_part{j}" for j in range(model.num_parts)]):
+    group = features[g * nb:(g + 1) * nb]
+    mean, var = group.mean(axis=(0, 1)), group.var(axis=(0, 1))
+    bn.extend((group - mean) / np.sqrt(var + 1e-5) * np.asarray(p[name]["scale"], np.float64))
+  bn = np.stack(bn)
+  assert "bias" not in p["bnneck"]
+  np.testing.assert_allclose(out["logits"], bn @ np.asarray(p["classifier"]["kernel"], np.float64), atol=1e-4)
+  normed = bn / np.linalg.norm(bn, axis=-1, keepdims=True)
+  np.testing.assert_allclose(out["embedding"], np.concatenate(list(normed), axis=-1), atol=1e-5)
+
+
+def test_eval_single_modality_and_modality_specific_stems():
+  model = _tiny(**COMBOS["anm3_keep"], agp_stages=(1,))
+  visible, infrared = _images(1)
+  variables = _random_variables(model, visible, infrared, seed=1)
+  joint = _apply_eval(model, variables, visible, infrared)
+  vis_only = _apply_eval(model, variables, visible, None)
+  ir_only = _apply_eval(model, variables, None, infrared)
+  for key in ("global", "embedding"):
+    np.testing.assert_allclose(vis_only[key], joint[key][:BV], atol=1e-5)
+    np.testing.assert_allclose(ir_only[key], joint[key][BV:], atol=1e-5)
+  np.testing.assert_allclose(ir_only["logits"], joint["logits"][:, BV:], atol=1e-5)
+  np.testing.assert_allclose(vis_only["nuances"], joint["nuances"][:, :BV], atol=1e-5)
+
+  params = dict(variables["params"])
+  params["infrared_stem"] = jax.tree.map(lambda a: a * 1.5, params["infrared_stem"])
+  moved = _apply_eval(model, {**variables, "params": params}, visible, infrared)
+  for key in ("global", "embedding"):
+    np.testing.assert_array_equal(moved[key][:BV], joint[key][:BV])
+    assert not np.allclose(moved[key][BV:], joint[key][BV:])
+
+
+def test_param_tree_and_head_init():
+  model = _tiny(agp_stages=(1, 2), anm_stage=4, num_parts=2)
+  visible, infrared = _images()
+  variables = jax.eval_shape(lambda v, i: model.init(jax.random.key(0), v, i), visible, infrared)
+  p = variables["params"]
+  assert set(p) == {"visible_stem", "infrared_stem", "layer1", "layer2", "layer3", "layer4", "agp1", "agp2", "anm",
+                    "bnneck", "bnneck_part0", "bnneck_part1", "classifier"}
+  assert set(p["agp1"]) == {"gate_0", "gate_1", "gate_2", "gate_3"} and p["agp1"]["gate_0"]["kernel"].shape == (32, 8)
+  assert set(p["bnneck"]) == {"scale"}
+  assert p["classifier"]["kernel"].shape == (D, NUM_CLASSES)
+  scale = np.asarray(fdnm.bnneck_scale_init(jax.random.key(0), (20000,)))
+  assert abs(scale.mean() - 1.0) < 0.001 and abs(scale.std() - 0.02) < 0.001
+
+
+def test_stripe_bounds_match_adaptive_pooling():
+  assert fdnm.stripe_bounds(4, 2) == [(0, 2), (2, 4)]
+  assert fdnm.stripe_bounds(9, 2) == [(0, 5), (4, 9)]
+  assert fdnm.stripe_bounds(24, 6) == [(4 * j, 4 * j + 4) for j in range(6)]
+  assert fdnm.stripe_bounds(5, 3) == [(0, 2), (1, 4), (3, 5)]
+
+
+def test_from_config_default_is_full_fdnm():
+  config = default.get_config()
+  model = fdnm_from_config(config.model, num_classes=395)
+  assert (model.stage_sizes, model.width, model.last_stride, model.dtype) == ((3, 4, 6, 3), 64, 1, jnp.float32)
+  assert (model.agp_stages, model.agp_groups, model.anm_stage, model.anm_keep_original) == ((1, 2), 4, 4, False)
+  image = jax.ShapeDtypeStruct((4, 288, 144, 3), jnp.float32)
+  variables = jax.eval_shape(lambda v, i: model.init(jax.random.key(0), v, i), image, image)
+  out = jax.eval_shape(lambda var, v: model.apply(var, v, None), variables, image)
+  assert out["embedding"].shape == (4, 4096)
+  assert out["nuances"].shape == (2, 4, 2048)
+  config.model.dtype = "bfloat16"
+  assert fdnm_from_config(config.model, 10).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("dtype", "float8", "model.dtype"),
+    ("anm_stage", 5, "model.anm_stage"),
+    ("agp_stages", (0, 1), "model.agp_stages"),
+    ("anm_keep_original", True, "model.anm_keep_original"),
+])
+def test_from_config_rejects_bad_fields(field, value, message):
+  config = default.get_config()
+  config.model.anm_stage = 0
+  config.model[field] = value
+  with pytest.raises(ValueError, match=message):
+    fdnm_from_config(config.model, 10)
+
+
+def test_no_input_raises():
+  with pytest.raises(ValueError, match="at least one"):
+    jax.eval_shape(lambda: _tiny().init(jax.random.key(0), None, None))

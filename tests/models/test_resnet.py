@@ -1,0 +1,197 @@
+"""Tests of the two-stream torchvision-layout ResNet (fdnm_jax/models/resnet.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdnm_jax.models import resnet
+
+# torchvision.models.resnet50() without `fc` (weight 2048x1000 + bias 1000): 25,557,032 - 2,049,000.
+TORCHVISION_RESNET50_NO_FC = 23_508_032
+
+
+def _paths(tree) -> dict[str, tuple[int, ...]]:
+  return {"/".join(str(k.key) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _abstract_resnet50(height=384, width=144, **kwargs):
+  model = resnet.ResNet50(**kwargs)
+  image = jax.ShapeDtypeStruct((2, height, width, 3), jnp.float32)
+  variables = jax.eval_shape(lambda v, i: model.init(jax.random.key(0), v, i), image, image)
+  maps = jax.eval_shape(lambda var, v, i: model.apply(var, v, i), variables, image, image)
+  return variables, maps
+
+
+def _torchvision_resnet50_state_dict() -> dict[str, tuple[int, ...]]:
+  """Names and shapes of torchvision's resnet50 state dict (without fc), written from its definition."""
+  shapes = {"conv1.weight": (64, 3, 7, 7)}
+  def bn(prefix, c):
+    for suffix in ("weight", "bias", "running_mean", "running_var"):
+      shapes[f"{prefix}.{suffix}"] = (c,)
+  bn("bn1", 64)
+  inplanes = 64
+  for s, (blocks, planes) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
+    for b in range(blocks):
+      p = f"layer{s}.{b}"
+      shapes[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
+      bn(f"{p}.bn1", planes)
+      shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+      bn(f"{p}.bn2", planes)
+      shapes[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
+      bn(f"{p}.bn3", planes * 4)
+      if b == 0:
+        shapes[f"{p}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
+        bn(f"{p}.downsample.1", planes * 4)
+      inplanes = planes * 4
+  return shapes
+
+
+def _flax_path(torch_name: str, stem: str) -> tuple[str, str]:
+  """The documented mapping: torchvision key -> (collection, Flax path)."""
+  parts = torch_name.split(".")
+  if parts[0] in ("conv1", "bn1"):
+    parts = [stem] + parts
+  else:
+    parts[1] = f"block{parts[1]}"
+    if parts[2] == "downsample":
+      parts[2:4] = ["downsample_conv" if parts[3] == "0" else "downsample_bn"]
+  leaf = parts[-1]
+  collection = "batch_stats" if leaf.startswith("running") else "params"
+  new_leaf = {"running_mean": "mean", "running_var": "var", "bias": "bias",
+              "weight": "kernel" if "conv" in parts[-2] else "scale"}[leaf]
+  return collection, "/".join(parts[:-1] + [new_leaf])
+
+
+def test_resnet50_one_stem_param_count_matches_torchvision():
+  variables, _ = _abstract_resnet50()
+  params = _paths(variables["params"])
+  one_stem = sum(int(np.prod(s)) for p, s in params.items() if not p.startswith("infrared_stem/"))
+  both = sum(int(np.prod(s)) for s in params.values())
+  assert one_stem == TORCHVISION_RESNET50_NO_FC
+  assert both == TORCHVISION_RESNET50_NO_FC + 7 * 7 * 3 * 64 + 2 * 64
+
+
+def test_torchvision_state_dict_maps_one_to_one():
+  variables, _ = _abstract_resnet50()
+  flax = {c: _paths(variables[c]) for c in ("params", "batch_stats")}
+  mapped = {"params": {}, "batch_stats": {}}
+  for name, shape in _torchvision_resnet50_state_dict().items():
+    if len(shape) == 4:
+      shape = (shape[2], shape[3], shape[1], shape[0])  # OIHW -> HWIO
+    for stem in ("visible_stem", "infrared_stem"):
+      collection, path = _flax_path(name, stem)
+      mapped[collection][path] = shape
+  assert mapped["params"] == flax["params"]
+  assert mapped["batch_stats"] == flax["batch_stats"]
+
+
+def test_resnet50_feature_map_shapes_384x144():
+  _, maps = _abstract_resnet50()
+  shapes = {k: v.shape for k, v in maps.items()}
+  assert shapes == {"stem": (4, 96, 36, 64), "layer1": (4, 96, 36, 256), "layer2": (4, 48, 18, 512),
+                    "layer3": (4, 24, 9, 1024), "layer4": (4, 24, 9, 2048)}
+  _, maps = _abstract_resnet50(last_stride=2)
+  assert maps["layer4"].shape == (4, 12, 5, 2048)
+
+
+def _np_conv(x, kernel, stride, pad):
+  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  kh, kw, _, co = kernel.shape
+  h = (x.shape[1] - kh) // stride + 1
+  w = (x.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], h, w, co))
+  for i in range(kh):
+    for j in range(kw):
+      out += np.einsum("bhwc,cd->bhwd", x[:, i:i + stride * h:stride, j:j + stride * w:stride], kernel[i, j])
+  return out
+
+
+def _np_bn(x, p, s):
+  return (x - s["mean"]) / np.sqrt(s["var"] + 1e-5) * p["scale"] + p["bias"]
+
+
+def _np_maxpool(x):
+  x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+  h = (x.shape[1] - 3) // 2 + 1
+  w = (x.shape[2] - 3) // 2 + 1
+  out = np.full((x.shape[0], h, w, x.shape[3]), -np.inf)
+  for i in range(3):
+    for j in range(3):
+      out = np.maximum(out, x[:, i:i + 2 * h:2, j:j + 2 * w:2])
+  return out
+
+
+def _randomise(variables, seed):
+  rng = np.random.default_rng(seed)
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "var":
+      return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
+    if name == "scale":
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    if name in ("bias", "mean"):
+      return rng.normal(0.0, 0.3, leaf.shape).astype(np.float32)
+    return np.asarray(leaf)
+  return jax.tree_util.tree_map_with_path(fill, variables)
+
+
+def test_stem_matches_numpy_torchvision_conventions():
+  stem = resnet.Stem(width=4)
+  x = np.random.default_rng(0).normal(size=(2, 11, 9, 3)).astype(np.float32)
+  variables = _randomise(stem.init(jax.random.key(0), x), 1)
+  y = stem.apply(variables, x, train=False)
+  p, s = variables["params"], variables["batch_stats"]
+  ref = _np_conv(x.astype(np.float64), np.asarray(p["conv1"]["kernel"], np.float64), 2, 3)
+  ref = _np_maxpool(np.maximum(_np_bn(ref, p["bn1"], s["bn1"]), 0.0))
+  assert y.shape == ref.shape == (2, 3, 3, 4)
+  np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bottleneck_with_downsample_matches_numpy():
+  block = resnet.Bottleneck(width=4, stride=2)
+  x = np.random.default_rng(2).normal(size=(2, 7, 6, 8)).astype(np.float32)
+  variables = _randomise(block.init(jax.random.key(0), x), 3)
+  y = block.apply(variables, x, train=False)
+  p, s = variables["params"], variables["batch_stats"]
+  k = lambda name: np.asarray(p[name]["kernel"], np.float64)
+  h = np.maximum(_np_bn(_np_conv(x, k("conv1"), 1, 0), p["bn1"], s["bn1"]), 0)
+  h = np.maximum(_np_bn(_np_conv(h, k("conv2"), 2, 1), p["bn2"], s["bn2"]), 0)
+  h = _np_bn(_np_conv(h, k("conv3"), 1, 0), p["bn3"], s["bn3"])
+  r = _np_bn(_np_conv(x, k("downsample_conv"), 2, 0), p["downsample_bn"], s["downsample_bn"])
+  ref = np.maximum(h + r, 0)
+  assert y.shape == ref.shape == (2, 4, 3, 16)
+  np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_init_follows_torchvision():
+  block = resnet.Bottleneck(width=64)
+  variables = block.init(jax.random.key(0), jnp.zeros((1, 2, 2, 256)))
+  p = variables["params"]
+  assert "downsample_conv" not in p  # 256 -> 256, stride 1: identity shortcut
+  kernel = np.asarray(p["conv2"]["kernel"])  # fan_out = 3 * 3 * 64
+  assert abs(kernel.std() / np.sqrt(2.0 / (9 * 64)) - 1.0) < 0.03
+  assert abs(kernel.mean()) < 0.002
+  for name in ("bn1", "bn2", "bn3"):
+    np.testing.assert_array_equal(p[name]["scale"], 1.0)
+    np.testing.assert_array_equal(p[name]["bias"], 0.0)
+    np.testing.assert_array_equal(variables["batch_stats"][name]["var"], 1.0)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = resnet.ResNetTiny(dtype=jnp.bfloat16)
+  image = jax.ShapeDtypeStruct((1, 32, 16, 3), jnp.float32)
+  variables = jax.eval_shape(lambda v, i: model.init(jax.random.key(0), v, i), image, image)
+  assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  maps = jax.eval_shape(lambda var, v, i: model.apply(var, v, i), variables, image, image)
+  assert maps["layer4"].dtype == jnp.bfloat16
+  assert maps["layer4"].shape == (2, 2, 1, 256)
+
+
+def test_one_modality_only():
+  model = resnet.ResNetTiny()
+  image = jax.ShapeDtypeStruct((3, 32, 16, 3), jnp.float32)
+  variables = jax.eval_shape(lambda v: model.init(jax.random.key(0), v, None), image)
+  assert "infrared_stem" not in variables["params"]
+  maps = jax.eval_shape(lambda var, v: model.apply(var, v, None), variables, image)
+  assert maps["layer4"].shape[0] == 3
