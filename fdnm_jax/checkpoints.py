@@ -32,7 +32,10 @@ def make_manager(workdir: str, ckpt_config: ml_collections.ConfigDict,
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = False) -> bool:
-  """Saves `state` at `step` if the save interval (or `force`) says so; returns whether it did."""
+  """Saves `state` at `step` if the save interval (or `force`) says so; returns whether it did.
+
+  Orbax also saves a step when no checkpoint exists yet; callers that decide the steps themselves pass force=True.
+  """
   return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
 
 

@@ -263,8 +263,9 @@ def _train_loop(config, workdir, mesh, source, model, tx, state, state_sharding,
       log.write(done, scalars)
       window, window_start = [], time.perf_counter()
     report(done)
-    if boundary:  # metrics checked finite above: the state is safe to save.
-      checkpoints.save(manager, done, state, force=done == total_steps)
+    save_now = done == total_steps or (config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0)
+    if save_now:  # a boundary: the metrics were checked finite above, so the state is safe to save.
+      checkpoints.save(manager, done, state, force=True)
     if config.evals.every_steps and done % config.evals.every_steps == 0 and done != total_steps:
       with report.timed("eval"):
         _run_eval(model, state, source, config, mesh, workdir, done, log)
