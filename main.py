@@ -32,9 +32,16 @@ def _hide_accelerators_from_tf() -> None:
   tf.config.set_visible_devices([], "GPU")
 
 
+def _quiet_library_info_logs() -> None:
+  """Drops orbax's per-file INFO lines (dozens per checkpoint); warnings and errors still show."""
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= logging.converter.STANDARD_WARNING or "/orbax/" not in record.pathname)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  _quiet_library_info_logs()
   _hide_accelerators_from_tf()
   from fdnm_jax import train  # pylint: disable=g-import-not-at-top  (after TF is configured)
 

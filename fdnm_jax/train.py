@@ -158,12 +158,19 @@ def variables_of(state: TrainState) -> dict:
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def _run_eval(model, state, source, config, mesh, workdir, step, log: MetricsLog) -> dict:
+def count_params(params: Any) -> int:
+  """Number of trainable parameters (BN running statistics excluded)."""
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _run_eval(model, state, source, config, mesh, workdir, step, log: MetricsLog,
+              train_step_seconds: Optional[float] = None) -> dict:
   results = evaluator.evaluate(model, variables_of(state), source, config, mesh)
   scalars = {f"test/{d}/{k}": v for d, r in results.items() for k, v in r.items() if not isinstance(v, list)}
   log.write(step, {k: float(v) for k, v in scalars.items()})
   report = {"name": config.name, "dataset": config.dataset, "protocol": source.protocol, "step": step,
-            "checkpoint_dir": checkpoints.checkpoint_dir(workdir), "directions": results}
+            "checkpoint_dir": checkpoints.checkpoint_dir(workdir), "directions": results,
+            "num_params": count_params(state.params), "train_step_seconds": train_step_seconds}
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
     write_json(os.path.join(workdir, "results", f"{config.name}.json"), report)
@@ -205,12 +212,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("Resumed from the checkpoint at step %d", start_step)
     else:
       state, start_step = init_state(), 0
+    step_seconds = None
     if start_step < total_steps:
-      state = _train_loop(config, workdir, mesh, source, model, tx, state, state_sharding, start_step, total_steps,
-                          steps_per_epoch, manager, log)
+      state, step_seconds = _train_loop(config, workdir, mesh, source, model, tx, state, state_sharding, start_step,
+                                        total_steps, steps_per_epoch, manager, log)
     else:
       logging.info("The checkpoint is at the final step %d: nothing to train.", start_step)
-    return _run_eval(model, state, source, config, mesh, workdir, total_steps, log)
+    return _run_eval(model, state, source, config, mesh, workdir, total_steps, log, step_seconds)
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -218,7 +226,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train_loop(config, workdir, mesh, source, model, tx, state, state_sharding, start_step, total_steps,
-                steps_per_epoch, manager, log) -> TrainState:
+                steps_per_epoch, manager, log) -> tuple[TrainState, Optional[float]]:
+  """Runs steps start_step..total_steps-1; returns the state and the median seconds per step after the
+  first logging window (which holds the compilation), or None when there was no second window."""
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = jax.jit(make_train_step(model, tx, config.loss), in_shardings=(state_sharding, batch_sharding),
                     out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
@@ -230,6 +240,7 @@ def _train_loop(config, workdir, mesh, source, model, tx, state, state_sharding,
                                            every_steps=config.logging.every_steps)
   images_per_step = 2 * config.input.num_ids_per_batch * config.input.num_instances
   window: list[dict] = []
+  window_times: list[float] = []
   window_start = time.perf_counter()
   pending: Optional[tuple[int, dict]] = None
 
@@ -261,6 +272,7 @@ def _train_loop(config, workdir, mesh, source, model, tx, state, state_sharding,
       scalars["train/lr"] = config.optim.base_lr * float(lr_factor(step))
       scalars["train/images_per_sec"] = images_per_step * len(window) / max(elapsed, 1e-9)
       log.write(done, scalars)
+      window_times.append(elapsed / len(window))
       window, window_start = [], time.perf_counter()
     report(done)
     save_now = done == total_steps or (config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0)
@@ -269,4 +281,4 @@ def _train_loop(config, workdir, mesh, source, model, tx, state, state_sharding,
     if config.evals.every_steps and done % config.evals.every_steps == 0 and done != total_steps:
       with report.timed("eval"):
         _run_eval(model, state, source, config, mesh, workdir, done, log)
-  return state
+  return state, (float(np.median(window_times[1:])) if len(window_times) > 1 else None)
