@@ -1,10 +1,11 @@
 """The train state, the sharded train step and the train-and-evaluate loop."""
 
+import dataclasses
 import json
 import math
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import flax
 import jax
@@ -133,12 +134,24 @@ class MetricsLog:
       self.jsonl.close()
 
 
-def _build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh):
-  """The data source, model, optimizer, step count and the (abstract, sharded) state builder."""
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a config builds before training or evaluating: data, model, optimizer and the sharded state."""
+  source: sources.DataSource
+  model: Any
+  tx: optax.GradientTransformation
+  steps_per_epoch: int
+  total_steps: int
+  state_sharding: Any  # pytree of NamedShardings, like TrainState.
+  abstract_state: Any  # pytree of ShapeDtypeStructs carrying state_sharding: the target of a restore.
+  init_state: Callable[[], TrainState]  # creates a fresh state, sharded.
+
+
+def build_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> Run:
+  """Reads the data source and builds the model, the optimizer and the sharded state constructors."""
   source = sources.load_source(config, workdir)
   num_classes = pipeline.num_classes(source.train_visible, source.train_infrared)
   steps_per_epoch = _steps_per_epoch(config, source)
-  total_steps = config.schedule.num_epochs * steps_per_epoch
   model = fdnm_from_config(config.model, num_classes)
   tx = optim.make_optimizer(config.optim, config.schedule, steps_per_epoch)
   input_shape = (1, config.input.height, config.input.width, 3)
@@ -150,7 +163,10 @@ def _build(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
   abstract = jax.eval_shape(init, rng)
   state_sharding = sharding.state_shardings(abstract, mesh)
   init_sharded = jax.jit(init, out_shardings=state_sharding)
-  return source, model, tx, steps_per_epoch, total_steps, abstract, state_sharding, lambda: init_sharded(rng)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+  return Run(source=source, model=model, tx=tx, steps_per_epoch=steps_per_epoch,
+             total_steps=config.schedule.num_epochs * steps_per_epoch, state_sharding=state_sharding,
+             abstract_state=abstract, init_state=lambda: init_sharded(rng))
 
 
 def variables_of(state: TrainState) -> dict:
@@ -197,45 +213,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if global_pk % sharding.num_batch_shards(mesh):
     raise ValueError(f"P*K = {global_pk} images per modality do not split over the {sharding.num_batch_shards(mesh)} "
                      "batch shards of the mesh: change config.input.num_ids_per_batch/num_instances or config.mesh.")
-  source, model, tx, steps_per_epoch, total_steps, abstract, state_sharding, init_state = _build(config, workdir, mesh)
+  run = build_run(config, workdir, mesh)
+  source = run.source
   logging.info("%s: %d train ids, %d visible + %d infrared train images; %d steps/epoch, %d steps; mesh %s",
                source.name, pipeline.num_classes(source.train_visible, source.train_infrared),
-               len(source.train_visible), len(source.train_infrared), steps_per_epoch, total_steps,
+               len(source.train_visible), len(source.train_infrared), run.steps_per_epoch, run.total_steps,
                dict(mesh.shape))
 
   manager = checkpoints.make_manager(workdir, config.checkpoint)
   log = MetricsLog(workdir)
   try:
     if manager.latest_step() is not None:
-      state, start_step = checkpoints.restore(manager, jax.tree.map(
-          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding))
+      state, start_step = checkpoints.restore(manager, run.abstract_state)
       logging.info("Resumed from the checkpoint at step %d", start_step)
     else:
-      state, start_step = init_state(), 0
+      state, start_step = run.init_state(), 0
     step_seconds = None
-    if start_step < total_steps:
-      state, step_seconds = _train_loop(config, workdir, mesh, source, model, tx, state, state_sharding, start_step,
-                                        total_steps, steps_per_epoch, manager, log)
+    if start_step < run.total_steps:
+      state, step_seconds = _train_loop(config, workdir, mesh, run, state, start_step, manager, log)
     else:
       logging.info("The checkpoint is at the final step %d: nothing to train.", start_step)
-    return _run_eval(model, state, source, config, mesh, workdir, total_steps, log, step_seconds)
+    return _run_eval(run.model, state, source, config, mesh, workdir, run.total_steps, log, step_seconds)
   finally:
     manager.wait_until_finished()
     manager.close()
     log.close()
 
 
-def _train_loop(config, workdir, mesh, source, model, tx, state, state_sharding, start_step, total_steps,
-                steps_per_epoch, manager, log) -> tuple[TrainState, Optional[float]]:
+def _train_loop(config, workdir, mesh, run: Run, state, start_step, manager, log) -> tuple[TrainState, Optional[float]]:
   """Runs steps start_step..total_steps-1; returns the state and the median seconds per step after the
   first logging window (which holds the compilation), or None when there was no second window."""
+  source, model, total_steps = run.source, run.model, run.total_steps
   batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(make_train_step(model, tx, config.loss), in_shardings=(state_sharding, batch_sharding),
-                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  step_fn = jax.jit(make_train_step(model, run.tx, config.loss), in_shardings=(run.state_sharding, batch_sharding),
+                    out_shardings=(run.state_sharding, sharding.replicated(mesh)), donate_argnums=0)
   batches: Iterator[dict] = pipeline.train_batches(
       source.train_visible, source.train_infrared, config.input, seed=config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
-  lr_factor = optim.lr_factor_fn(config.schedule, steps_per_epoch)
+  lr_factor = optim.lr_factor_fn(config.schedule, run.steps_per_epoch)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=log.writer,
                                            every_steps=config.logging.every_steps)
   images_per_step = 2 * config.input.num_ids_per_batch * config.input.num_instances
