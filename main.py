@@ -2,6 +2,7 @@
 
   python main.py --config=configs/synthetic.py --workdir=runs/synthetic
   python main.py --config=configs/regdb.py --workdir=runs/regdb --config.data.root=/data/RegDB
+  python main.py --mode=eval --config=configs/synthetic.py --workdir=runs/synthetic [--checkpoint=STEP]
 
 Config fields are overridden on the command line (`--config.optim.base_lr=0.02`); the config
 is locked, so a misspelt field is an error, not a silent no-op.
@@ -19,7 +20,13 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path of a config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics, results and the config.")
-flags.DEFINE_enum("mode", "train", ["train"], "train: train (resuming from the workdir) and evaluate at the end.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                  "train: train (resuming from the workdir) and evaluate at the end. eval: evaluate a checkpoint "
+                  "under every protocol setting of the data set (report in <workdir>/results/eval_*.json, .md).")
+flags.DEFINE_string("checkpoint", None, "--mode=eval: a step number of <workdir>/checkpoints, or a folder "
+                    "<workdir>/checkpoints/<step>; default: the latest step.")
+flags.DEFINE_bool("allow_untrained", False, "--mode=eval: with no checkpoint, evaluate the randomly initialised "
+                  "model (reports marked UNTRAINED) instead of stopping with an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors caused by the user's input: reported as one clear line, not a stack trace.
@@ -41,6 +48,8 @@ def _quiet_library_info_logs() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.mode != "eval" and (FLAGS.checkpoint is not None or FLAGS.allow_untrained):
+    raise app.UsageError("--checkpoint and --allow_untrained apply to --mode=eval only")
   _quiet_library_info_logs()
   _hide_accelerators_from_tf()
   from fdnm_jax import train  # pylint: disable=g-import-not-at-top  (after TF is configured)
@@ -53,6 +62,9 @@ def main(argv):
       from fdnm_jax.evaluation.evaluator import format_table  # pylint: disable=g-import-not-at-top
       print(f"\n{report['name']} ({report['dataset']}, step {report['step']}):")
       print(format_table(report["directions"]))
+    else:
+      from fdnm_jax.evaluation import eval_mode  # pylint: disable=g-import-not-at-top
+      eval_mode.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.allow_untrained)
   except USER_ERRORS as e:
     logging.error("%s: %s", e.__class__.__name__, e)
     sys.exit(f"error: {e}")

@@ -87,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.evals.test_flip = False  # test-time flip: embedding = sum over the image and its mirror.
   config.evals.max_rank = 20  # length of the CMC curve.
   config.evals.query_chunk = 1024  # queries ranked at once by the jitted evaluator (bounds memory).
+  config.evals.rerank = False  # --mode=eval: k-reciprocal re-ranking of the distances (Zhong et al., CVPR 2017).
+  config.evals.rerank_k1 = 20  # re-ranking: size k1 of the k-reciprocal neighbourhoods.
+  config.evals.rerank_k2 = 6  # re-ranking: neighbours k2 averaged by the local query expansion.
+  config.evals.rerank_lambda = 0.3  # re-ranking: weight of the original distance (the Jaccard distance gets 1 - it).
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 500  # save a checkpoint every N steps (and at the end).

@@ -97,14 +97,24 @@ def score_directions(source: DataSource, embeddings: Mapping[str, np.ndarray], m
   return results
 
 
+def embed_test_sets(model: Any, variables: Any, source: DataSource, config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
+  """Embeds every test set of `source` once, with the stem of its modality (flip TTA per config.evals.test_flip).
+
+  Returns:
+    test-set name -> float32 [N, E] embeddings in the set's file order.
+  """
+  modality_of = {name: ("visible" if s.modality == 0 else "infrared") for name, s in source.test_sets.items()}
+  embed_fns = {m: make_embed_fn(model, mesh, m) for m in set(modality_of.values())}
+  return {name: embed_image_set(embed_fns[modality_of[name]], variables, s, config.input, mesh,
+                                flip=config.evals.test_flip)
+          for name, s in source.test_sets.items()}
+
+
 def evaluate(model: Any, variables: Any, source: DataSource, config: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh) -> dict[str, dict[str, Any]]:
   """Embeds every test set of `source` once (with the stem of its modality) and scores all directions."""
-  modality_of = {name: ("visible" if s.modality == 0 else "infrared") for name, s in source.test_sets.items()}
-  embed_fns = {m: make_embed_fn(model, mesh, m) for m in set(modality_of.values())}
-  embeddings = {name: embed_image_set(embed_fns[modality_of[name]], variables, s, config.input, mesh,
-                                      flip=config.evals.test_flip)
-                for name, s in source.test_sets.items()}
+  embeddings = embed_test_sets(model, variables, source, config, mesh)
   return score_directions(source, embeddings, config.evals.max_rank, config.evals.query_chunk)
 
 
