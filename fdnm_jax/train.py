@@ -76,7 +76,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_config: m
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     metrics = {k: v.astype(jnp.float32) for k, v in terms.items()}
-    metrics["grad_norm"] = optax.global_norm(grads).astype(jnp.float32)
+    metrics["grad_norm"] = optax.tree.norm(grads).astype(jnp.float32)
     return new_state, metrics
 
   return train_step

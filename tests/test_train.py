@@ -65,8 +65,9 @@ def test_run_writes_config_metrics_checkpoints_and_results(trained):
     for key in ("train/total", "train/id", "train/triplet", "train/cnm", "train/lr", "train/images_per_sec",
                 "train/grad_norm"):
       assert np.isfinite(r[key]), key
-  # lr: warm-up epoch 0 -> 0.01 * 1/1, epoch 1 -> decayed x0.1 (decay_epochs=(1,), 2 steps per epoch).
-  np.testing.assert_allclose([r["train/lr"] for r in rows], [0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+  # lr: warm-up epoch 0 -> base * 1/1, epoch 1 -> decayed x0.1 (decay_epochs=(1,), 2 steps per epoch).
+  base = tiny.get_config().optim.base_lr
+  np.testing.assert_allclose([r["train/lr"] for r in rows], [base, base, base / 10, base / 10], rtol=1e-6)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert set(report["directions"]) == {"visible_to_infrared", "infrared_to_visible"}
   for r in report["directions"].values():
@@ -109,16 +110,32 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted_run(traine
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=str(k))
 
 
+BASELINE = ("--config.model.agp_stages=()", "--config.model.anm_stage=0", "--config.loss.cnm_weight=0.0")
+
+
 @pytest.mark.slow
-def test_eight_devices_log_the_same_losses_as_one(tmp_path):
+@pytest.mark.parametrize("model, compared_steps", [("full", 1), ("baseline", 2)])
+def test_eight_devices_log_the_same_losses_as_one(tmp_path, model, compared_steps):
+  """The 8-device SPMD program computes what the 1-device one does: every logged loss term and the gradient
+  norm agree to 1e-4 relative.
+
+  Only the first steps are comparable. Float reassociation (BatchNorm and loss reductions summed in another
+  order) differs by ~1e-7 and training amplifies it about tenfold per step on this tiny random-init model
+  (batch-hard mining and ReLU patterns flip); in the full FDNM the amplification is faster (AGP's phase
+  P * (1 + s) is discontinuous where a bin's phase wraps at +-pi, and the phase gradient ~1/|X| is large for
+  small bins), so the full model is compared on its first step, the baseline on its first two.
+  """
+  overrides = ("--config.schedule.num_epochs=1",) + (BASELINE if model == "baseline" else ())
   runs = {}
   for devices in (1, 8):
     workdir = str(tmp_path / f"d{devices}")
-    run_main(workdir, "--config.schedule.num_epochs=1", devices=devices)
+    run_main(workdir, *overrides, devices=devices)
     runs[devices] = train_rows(workdir)
   assert [r["step"] for r in runs[8]] == [1, 2]
-  for r1, r8 in zip(runs[1], runs[8]):
-    for key in ("train/total", "train/id", "train/triplet", "train/cnm", "train/grad_norm"):
+  terms = ("train/total", "train/id", "train/triplet", "train/grad_norm") + (
+      ("train/cnm", "train/ortho") if model == "full" else ())
+  for r1, r8 in list(zip(runs[1], runs[8]))[:compared_steps]:
+    for key in terms:
       np.testing.assert_allclose(r8[key], r1[key], rtol=1e-4, err_msg=f"step {r1['step']} {key}")
 
 
