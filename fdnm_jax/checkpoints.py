@@ -21,13 +21,14 @@ def checkpoint_dir(workdir: str) -> str:
 def make_manager(workdir: str, ckpt_config: ml_collections.ConfigDict,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """A CheckpointManager over `<workdir>/checkpoints` keeping the latest `ckpt_config.keep`."""
-  options = ocp.CheckpointManagerOptions(
-      save_interval_steps=max(1, ckpt_config.every_steps),
-      preservation_policy=ocp.checkpoint_managers.LatestN(n=ckpt_config.keep),
-      enable_async_checkpointing=ckpt_config.async_save,
-      create=not read_only,
-      read_only=read_only,
-  )
+  if read_only:  # save and preservation options would only draw orbax warnings on a reader.
+    options = ocp.CheckpointManagerOptions(save_interval_steps=0, create=False, read_only=True)
+  else:
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(1, ckpt_config.every_steps),
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=ckpt_config.keep),
+        enable_async_checkpointing=ckpt_config.async_save,
+    )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
