@@ -100,7 +100,7 @@ def ensure_writable_dir(path: str) -> None:
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
-  except (PermissionError, FileExistsError, NotADirectoryError, OSError) as e:
+  except OSError as e:
     raise PermissionError(
         f"workdir {path!r} is not a writable folder ({e.__class__.__name__}: {e.strerror or e}). "
         "Choose another --workdir or fix its permissions.") from e
@@ -138,6 +138,7 @@ class MetricsLog:
 class Run:
   """What a config builds before training or evaluating: data, model, optimizer and the sharded state."""
   source: sources.DataSource
+  num_classes: int  # identities of the ID loss.
   model: Any
   tx: optax.GradientTransformation
   steps_per_epoch: int
@@ -164,7 +165,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   state_sharding = sharding.state_shardings(abstract, mesh)
   init_sharded = jax.jit(init, out_shardings=state_sharding)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-  return Run(source=source, model=model, tx=tx, steps_per_epoch=steps_per_epoch,
+  return Run(source=source, num_classes=num_classes, model=model, tx=tx, steps_per_epoch=steps_per_epoch,
              total_steps=config.schedule.num_epochs * steps_per_epoch, state_sharding=state_sharding,
              abstract_state=abstract, init_state=lambda: init_sharded(rng))
 
@@ -216,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run = build_run(config, workdir, mesh)
   source = run.source
   logging.info("%s: %d train ids, %d visible + %d infrared train images; %d steps/epoch, %d steps; mesh %s",
-               source.name, pipeline.num_classes(source.train_visible, source.train_infrared),
+               source.name, run.num_classes,
                len(source.train_visible), len(source.train_infrared), run.steps_per_epoch, run.total_steps,
                dict(mesh.shape))
 
