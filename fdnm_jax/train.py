@@ -16,7 +16,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from fdnm_jax import checkpoints, losses, optim, sharding
+from fdnm_jax import checkpoints, losses, optim, pretrained, sharding
 from fdnm_jax.evaluation import evaluator
 from fdnm_jax.models.fdnm import fdnm_from_config
 from input_pipeline import pipeline, sources
@@ -45,10 +45,16 @@ def _steps_per_epoch(config: ml_collections.ConfigDict, source: sources.DataSour
 
 
 def create_train_state(model: Any, tx: optax.GradientTransformation, rng: jax.Array,
-                       input_shape: tuple[int, int, int, int]) -> TrainState:
-  """Initialises params, BN statistics and optimizer state. `input_shape` = (b, H, W, 3) per modality."""
+                       input_shape: tuple[int, int, int, int], weights: Optional[tuple] = None) -> TrainState:
+  """Initialises params, BN statistics and optimizer state. `input_shape` = (b, H, W, 3) per modality.
+
+  `weights`: converted pretrained (params, batch_stats) (`pretrained.load_converted`) merged into the fresh
+  variables before the optimizer state is made; None = random init.
+  """
   dummy = jnp.zeros(input_shape, jnp.float32)
   variables = model.init(rng, dummy, dummy, train=False)
+  if weights is not None:
+    variables = pretrained.merge(variables, *weights)
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
@@ -157,8 +163,15 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   tx = optim.make_optimizer(config.optim, config.schedule, steps_per_epoch)
   input_shape = (1, config.input.height, config.input.width, 3)
 
-  def init(rng):
-    return create_train_state(model, tx, rng, input_shape)
+  def init(rng, weights=None):
+    return create_train_state(model, tx, rng, input_shape, weights)
+
+  def init_state():
+    # Pretrained weights: read and converted on the host only for a fresh state (a resume never calls this),
+    # then passed to the jitted init as an argument and merged before tx.init.
+    weights = (pretrained.load_converted(config.model.pretrained, model.stage_sizes, model.width)
+               if config.model.pretrained else None)
+    return init_sharded(rng, weights)
 
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, rng)
@@ -167,7 +180,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
   return Run(source=source, num_classes=num_classes, model=model, tx=tx, steps_per_epoch=steps_per_epoch,
              total_steps=config.schedule.num_epochs * steps_per_epoch, state_sharding=state_sharding,
-             abstract_state=abstract, init_state=lambda: init_sharded(rng))
+             abstract_state=abstract, init_state=init_state)
 
 
 def variables_of(state: TrainState) -> dict:
