@@ -1,7 +1,13 @@
 """Which image sets a config trains and evaluates on: the data-set registry.
 
 Knows nothing of JAX. Each data set gives its train visible/infrared sets, its test sets
-and the evaluation directions (query set, gallery set) with the protocol that scores them.
+and the evaluation directions (query set, gallery set) with the protocol that scores them:
+  - synthetic, regdb: protocol "regdb"; test sets "visible", "infrared" of split config.data.trial; both directions.
+  - sysu: protocol "sysu"; test sets "visible" (RGB cams 1, 2, 4, 5) and "infrared" (IR cams 3, 6) of the test
+    identities; one direction, infrared -> visible (the gallery is sampled per trial, fdnm_jax.evaluation.protocols).
+  - llcm: protocol "llcm"; test sets "visible" (test_vis, cams 1..9) and "infrared" (test_nir, cams 1, 2, 4..9);
+    both directions.
+sysu, llcm and regdb read config.data.root (the data set as downloaded, FDNM_SPEC.md §5); synthetic generates its set.
 """
 
 import dataclasses
@@ -9,7 +15,7 @@ import os
 
 import ml_collections
 
-from input_pipeline.datasets import regdb, synthetic
+from input_pipeline.datasets import llcm, regdb, synthetic, sysu
 from input_pipeline.datasets.image_set import ImageSet
 
 KNOWN_DATASETS = ("synthetic", "regdb", "sysu", "llcm")
@@ -44,6 +50,25 @@ def _regdb_like(name: str, root: str, trial: int) -> DataSource:
                   EvalDirection("infrared_to_visible", "infrared", "visible")))
 
 
+def _sysu_source(root: str) -> DataSource:
+  sets = sysu.read_sysu(root)
+  return DataSource(
+      name="sysu", protocol="sysu",
+      train_visible=sets["train_visible"], train_infrared=sets["train_infrared"],
+      test_sets={"visible": sets["test_visible"], "infrared": sets["test_infrared"]},
+      directions=(EvalDirection("infrared_to_visible", "infrared", "visible"),))
+
+
+def _llcm_source(root: str) -> DataSource:
+  sets = llcm.read_llcm(root)
+  return DataSource(
+      name="llcm", protocol="llcm",
+      train_visible=sets["train_visible"], train_infrared=sets["train_infrared"],
+      test_sets={"visible": sets["test_visible"], "infrared": sets["test_infrared"]},
+      directions=(EvalDirection("visible_to_infrared", "visible", "infrared"),
+                  EvalDirection("infrared_to_visible", "infrared", "visible")))
+
+
 def synthetic_root(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Where the synthetic data set lives: config.data.root, or <workdir>/synthetic_data."""
   return config.data.root or os.path.join(workdir, "synthetic_data")
@@ -53,9 +78,8 @@ def load_source(config: ml_collections.ConfigDict, workdir: str) -> DataSource:
   """Reads (and for the synthetic set, first generates) the image lists of `config.dataset`.
 
   Raises:
-    ValueError: unknown data set name or missing data root.
+    ValueError: unknown data set name, missing data root (regdb, sysu, llcm) or a malformed list file.
     FileNotFoundError: the data set's layout is incomplete (the message names the file).
-    NotImplementedError: a data set whose reader does not exist yet.
   """
   name = config.dataset
   if name == "synthetic":
@@ -70,9 +94,14 @@ def load_source(config: ml_collections.ConfigDict, workdir: str) -> DataSource:
       raise ValueError("config.dataset='regdb' needs the downloaded RegDB folder: "
                        "pass --config.data.root=/path/to/RegDB (it holds Visible/, Thermal/, idx/).")
     return _regdb_like("regdb", config.data.root, config.data.trial)
-  if name in ("sysu", "llcm"):
-    raise NotImplementedError(
-        f"config.dataset={name!r}: the {'SYSU-MM01' if name == 'sysu' else 'LLCM'} reader is not built yet "
-        "(it comes with the real-data-sets issue). Train on configs/synthetic.py, or on RegDB with "
-        "configs/regdb.py and --config.data.root=/path/to/RegDB.")
+  if name == "sysu":
+    if not config.data.root:
+      raise ValueError("config.dataset='sysu' needs the downloaded SYSU-MM01 folder: "
+                       "pass --config.data.root=/path/to/SYSU-MM01 (it holds cam1/ .. cam6/, exp/).")
+    return _sysu_source(config.data.root)
+  if name == "llcm":
+    if not config.data.root:
+      raise ValueError("config.dataset='llcm' needs the downloaded LLCM folder: "
+                       "pass --config.data.root=/path/to/LLCM (it holds idx/, vis/, nir/, test_vis/, test_nir/).")
+    return _llcm_source(config.data.root)
   raise ValueError(f"config.dataset={name!r} is unknown: use one of {', '.join(KNOWN_DATASETS)}.")

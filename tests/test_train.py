@@ -43,7 +43,7 @@ def train_rows(workdir):
 def final_metrics(workdir, name="tiny"):
   with open(os.path.join(workdir, "results", f"{name}.json")) as f:
     report = json.load(f)
-  return {(d, k): v for d, r in report["directions"].items() for k, v in r.items() if not isinstance(v, list)}
+  return {(d, k): v for d, r in report["settings"].items() for k, v in r.items() if not isinstance(v, list)}
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +69,11 @@ def test_run_writes_config_metrics_checkpoints_and_results(trained):
   base = tiny.get_config().optim.base_lr
   np.testing.assert_allclose([r["train/lr"] for r in rows], [base, base, base / 10, base / 10], rtol=1e-6)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-  assert set(report["directions"]) == {"visible_to_infrared", "infrared_to_visible"}
-  for r in report["directions"].values():
+  assert set(report["settings"]) == {"visible_to_infrared", "infrared_to_visible"}
+  for r in report["settings"].values():
     assert 0 <= r["mINP"] <= r["mAP"] <= 100 and r["rank1"] <= r["rank5"] <= r["rank10"] <= r["rank20"] <= 100
     assert r["num_query"] == r["num_gallery"] == 16  # 4 test ids x 4 images per modality.
-  assert final_metrics(workdir) == {(d, k): v for d, r in report["directions"].items()
+  assert final_metrics(workdir) == {(d, k): v for d, r in report["settings"].items()
                                     for k, v in r.items() if not isinstance(v, list)}
 
 
@@ -82,7 +82,7 @@ def test_rerun_of_a_finished_workdir_does_not_train_again(trained):
   workdir, report = trained
   again = train.train_and_evaluate(tiny.get_config(), workdir)
   assert [r["step"] for r in train_rows(workdir)] == [1, 2, 3, 4]  # no new train rows.
-  assert again["directions"] == report["directions"]
+  assert again["settings"] == report["settings"]
 
 
 @pytest.mark.slow
@@ -159,8 +159,8 @@ def test_unknown_config_key_is_rejected_with_its_name(tmp_path):
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
-@pytest.mark.parametrize("dataset, words", [("sysu", "SYSU-MM01 reader is not built yet"),
-                                            ("llcm", "LLCM reader is not built yet"),
+@pytest.mark.parametrize("dataset, words", [("sysu", "--config.data.root=/path/to/SYSU-MM01"),
+                                            ("llcm", "--config.data.root=/path/to/LLCM"),
                                             ("regdb", "--config.data.root=/path/to/RegDB"),
                                             ("market", "is unknown")])
 def test_data_sets_without_data_fail_with_a_clear_message(tmp_path, dataset, words):
