@@ -61,7 +61,7 @@ def main(argv):
       report = train.train_and_evaluate(config, FLAGS.workdir)
       from fdnm_jax.evaluation.evaluator import format_table  # pylint: disable=g-import-not-at-top
       print(f"\n{report['name']} ({report['dataset']}, step {report['step']}):")
-      print(format_table(report["directions"]))
+      print(format_table(report["settings"]))
     else:
       from fdnm_jax.evaluation import eval_mode  # pylint: disable=g-import-not-at-top
       eval_mode.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.allow_untrained)

@@ -199,7 +199,7 @@ def _run_eval(model, state, source, config, mesh, workdir, step, log: MetricsLog
   scalars = {f"test/{d}/{k}": v for d, r in results.items() for k, v in r.items() if not isinstance(v, list)}
   log.write(step, {k: float(v) for k, v in scalars.items()})
   report = {"name": config.name, "dataset": config.dataset, "protocol": source.protocol, "step": step,
-            "checkpoint_dir": checkpoints.checkpoint_dir(workdir), "directions": results,
+            "checkpoint_dir": checkpoints.checkpoint_dir(workdir), "settings": results,
             "num_params": count_params(state.params), "train_step_seconds": train_step_seconds}
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)

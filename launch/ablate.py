@@ -84,14 +84,15 @@ def read_report(row: str, workdir: str, name: str) -> dict:
 
 
 def markdown_table(rows: list[tuple[str, dict, str]]) -> str:
-  """One line per row: Rank-1/10/20, mAP, mINP per direction (percent), params, step time, config diff."""
-  directions = list(rows[0][1]["directions"]) if rows else []
+  """One line per row: Rank-1/10/20, mAP, mINP per protocol setting (percent; mean over trials), params, step
+  time, config diff."""
+  settings = list(rows[0][1]["settings"]) if rows else []
   metrics = ("rank1", "rank10", "rank20", "mAP", "mINP")
-  header = ["row"] + [f"{d} {m.replace('rank', 'R')}" for d in directions for m in metrics] + [
+  header = ["row"] + [f"{d} {m.replace('rank', 'R')}" for d in settings for m in metrics] + [
       "params (M)", "step (s)", "config diff"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row, report, diff in rows:
-    cells = [row] + [f"{report['directions'][d][m]:.2f}" for d in directions for m in metrics]
+    cells = [row] + [f"{report['settings'][d][m]:.2f}" for d in settings for m in metrics]
     step = report.get("train_step_seconds")
     cells += [f"{report['num_params'] / 1e6:.3f}", f"{step:.3f}" if step else "—", diff]
     lines.append("| " + " | ".join(cells) + " |")

@@ -56,8 +56,8 @@ def test_latest_checkpoint_matches_the_final_training_evaluation_and_writes_the_
   with open(os.path.join(trained, "results", "tiny.json")) as f:
     final = json.load(f)
   assert report["step"] == final["step"] == 4
-  _assert_same_numbers(report, final["directions"])
-  assert _training_numbers(trained, 4) == {d: {k: final["directions"][d][k] for k in protocols.METRICS}
+  _assert_same_numbers(report, final["settings"])
+  assert _training_numbers(trained, 4) == {d: {k: final["settings"][d][k] for k in protocols.METRICS}
                                            for d in DIRECTIONS}
 
   json_path = os.path.join(trained, "results", "eval_tiny_step4.json")

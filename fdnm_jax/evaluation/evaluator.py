@@ -15,6 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fdnm_jax import sharding
+from fdnm_jax.evaluation import protocols
 from fdnm_jax.evaluation.metrics import compute_metrics, pairwise_distance
 from input_pipeline import pipeline
 from input_pipeline.sources import DataSource
@@ -111,11 +112,29 @@ def embed_test_sets(model: Any, variables: Any, source: DataSource, config: ml_c
           for name, s in source.test_sets.items()}
 
 
+def summary_row(result: Mapping[str, Any]) -> dict[str, Any]:
+  """One `protocols.run_protocols` setting result as a flat row: the mean Rank-k / mAP / mINP (percent), their
+  population std over trials as `<metric>_std`, the mean CMC ("cmc", fractions), "num_query", "num_gallery"
+  (of the first trial) and "trials" (their count)."""
+  row = dict(result["mean"])
+  row.update({f"{k}_std": v for k, v in result["std"].items()})
+  row.update({"cmc": list(result["cmc_mean"]), "num_query": result["num_query"],
+              "num_gallery": result["num_gallery"][0], "trials": len(result["trials"])})
+  return row
+
+
 def evaluate(model: Any, variables: Any, source: DataSource, config: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh) -> dict[str, dict[str, Any]]:
-  """Embeds every test set of `source` once (with the stem of its modality) and scores all directions."""
+  """Embeds every test set of `source` once and scores every protocol setting of the data set.
+
+  Returns:
+    setting name -> `summary_row` (RegDB / synthetic: one setting per direction, one trial; SYSU-MM01: all/indoor
+    x single/multi-shot, 10 trials; LLCM: one per direction, 10 trials).
+  """
   embeddings = embed_test_sets(model, variables, source, config, mesh)
-  return score_directions(source, embeddings, config.evals.max_rank, config.evals.query_chunk)
+  settings = protocols.settings_for(source, config)
+  results = protocols.run_protocols(source, embeddings, settings, config.evals.max_rank, config.evals.query_chunk)
+  return {name: summary_row(r) for name, r in results.items()}
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
