@@ -138,9 +138,9 @@ def evaluate(model: Any, variables: Any, source: DataSource, config: ml_collecti
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-  """A Markdown table: one row per direction, Rank-1/5/10/20, mAP and mINP in percent."""
+  """A Markdown table: one row per protocol setting (direction), Rank-1/5/10/20, mAP and mINP in percent."""
   cols = [c for c in ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP") if any(c in r for r in results.values())]
-  header = "| direction | " + " | ".join(c.replace("rank", "Rank-") for c in cols) + " |"
+  header = "| setting | " + " | ".join(c.replace("rank", "Rank-") for c in cols) + " |"
   lines = [header, "|" + "---|" * (len(cols) + 1)]
   for name, r in results.items():
     lines.append(f"| {name} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |")
