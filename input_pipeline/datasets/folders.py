@@ -3,7 +3,9 @@ counts and the published counts they are compared with."""
 
 import os
 import re
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
 
 from input_pipeline.datasets.image_set import ImageSet
 
@@ -83,3 +85,61 @@ def compare_with_published(name: str, counts: Mapping[str, int],
     elif got != expected:
       lines.append(f"{name}: {key} = {got:,}, published {expected:,} ({got - expected:+,})")
   return lines
+
+
+def read_list_file(root: str, rel: str, modality: int, dataset: str, layout: str,
+                   camera_of: Callable[[str], int]) -> ImageSet:
+  """Reads a list file of `<relative image path> <label>` lines (RegDB idx/*.txt, LLCM idx/train_*.txt).
+
+  Args:
+    root: the data set's folder; `rel`: the list file, relative to it.
+    modality: 0 visible, 1 infrared (of every listed image).
+    dataset, layout: the data set's name and expected layout, for the error messages.
+    camera_of: relative image path (as listed) -> camera id.
+  Returns:
+    The listed images in file order (absolute paths), labels as written.
+  Raises:
+    ValueError: a malformed line (the message names the file and the line number).
+    FileNotFoundError: a listed image that does not exist.
+  """
+  path = os.path.join(root, rel)
+  paths, labels, cameras = [], [], []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      fields = line.split()
+      if not fields:
+        continue
+      if len(fields) != 2 or not re.fullmatch(r"\d+", fields[1]):
+        raise ValueError(f"{path}, line {number}: expected '<relative image path> <non-negative integer label>', "
+                         f"got {line.rstrip()!r}. Fix or re-download the {dataset} list files.")
+      image = os.path.normpath(os.path.join(root, fields[0]))
+      if not os.path.isfile(image):
+        raise FileNotFoundError(f"{dataset} image {fields[0]} (listed in {rel}, line {number}) not found under "
+                                f"{root}: {layout}")
+      paths.append(image)
+      labels.append(int(fields[1]))
+      cameras.append(camera_of(fields[0]))
+  return ImageSet(paths=tuple(paths), labels=np.array(labels, np.int32), cameras=np.array(cameras, np.int32),
+                  modality=modality)
+
+
+def read_camera_folders(base: str, ids: Sequence[int], cameras: Sequence[int], modality: int,
+                        found: set) -> ImageSet:
+  """The images of `base/cam<c>/<pid:04d>/` for every id, then every camera (AGW / DEEN order), files sorted.
+
+  Folders that do not exist are skipped; every id with at least one image is added to `found`.
+  """
+  paths, labels, cams = [], [], []
+  for pid in ids:
+    for cam in cameras:
+      directory = os.path.join(base, f"cam{cam}", f"{pid:04d}")
+      if not os.path.isdir(directory):
+        continue
+      files = list_images(directory)
+      if files:
+        found.add(pid)
+      paths += files
+      labels += [pid] * len(files)
+      cams += [cam] * len(files)
+  return ImageSet(paths=tuple(paths), labels=np.array(labels, np.int32), cameras=np.array(cams, np.int32),
+                  modality=modality)

@@ -22,12 +22,10 @@ A test identity found in no camera folder is counted and reported in one logging
 import logging
 import os
 import re
-from typing import Mapping, Sequence
-
-import numpy as np
+from typing import Mapping
 
 from input_pipeline.datasets import folders
-from input_pipeline.datasets.folders import image_set_counts, list_images, read_id_file
+from input_pipeline.datasets.folders import image_set_counts, read_id_file
 from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
 
 TEST_FOLDERS = {"visible": ("test_vis", (1, 2, 3, 4, 5, 6, 7, 8, 9)),
@@ -80,58 +78,18 @@ def read_llcm(root: str) -> dict[str, ImageSet]:
         raise FileNotFoundError(f"LLCM test camera folder {folder}/cam{cam}/ not found under {root}: {_LAYOUT}")
   sets = {}
   for kind, modality in (("visible", VISIBLE), ("infrared", INFRARED)):
-    sets[f"train_{kind}"] = _read_list(root, TRAIN_LISTS[kind], modality)
+    sets[f"train_{kind}"] = folders.read_list_file(root, TRAIN_LISTS[kind], modality, "LLCM", _LAYOUT, camera_of)
   test_ids = sorted(read_id_file(os.path.join(root, TEST_ID_FILE), "LLCM id file"))
   found = set()
   for kind, modality in (("visible", VISIBLE), ("infrared", INFRARED)):
     folder, cameras = TEST_FOLDERS[kind]
-    sets[f"test_{kind}"] = _read_test(root, folder, test_ids, cameras, modality, found)
+    sets[f"test_{kind}"] = folders.read_camera_folders(os.path.join(root, folder), test_ids, cameras, modality, found)
   missing = [i for i in test_ids if i not in found]
   if missing:
     _log.warning("LLCM under %s: %d of %d test identities of %s have no image in any camera folder of test_vis/ "
                  "or test_nir/ (%s); they are left out. Compare the counts with compare_with_published.",
                  root, len(missing), len(test_ids), TEST_ID_FILE, missing[:10])
   return sets
-
-
-def _read_list(root: str, rel: str, modality: int) -> ImageSet:
-  path = os.path.join(root, rel)
-  paths, labels, cameras = [], [], []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      fields = line.split()
-      if not fields:
-        continue
-      if len(fields) != 2 or not re.fullmatch(r"\d+", fields[1]):
-        raise ValueError(f"{path}, line {number}: expected '<relative image path> <non-negative integer label>', "
-                         f"got {line.rstrip()!r}. Fix or re-download the LLCM list files.")
-      image = os.path.normpath(os.path.join(root, fields[0]))
-      if not os.path.isfile(image):
-        raise FileNotFoundError(f"LLCM image {fields[0]} (listed in {rel}, line {number}) not found under "
-                                f"{root}: {_LAYOUT}")
-      paths.append(image)
-      labels.append(int(fields[1]))
-      cameras.append(camera_of(fields[0]))
-  return ImageSet(paths=tuple(paths), labels=np.array(labels, np.int32), cameras=np.array(cameras, np.int32),
-                  modality=modality)
-
-
-def _read_test(root: str, folder: str, ids: Sequence[int], cameras: Sequence[int], modality: int,
-               found: set) -> ImageSet:
-  paths, labels, cams = [], [], []
-  for pid in ids:
-    for cam in cameras:
-      directory = os.path.join(root, folder, f"cam{cam}", f"{pid:04d}")
-      if not os.path.isdir(directory):
-        continue
-      files = list_images(directory)
-      if files:
-        found.add(pid)
-      paths += files
-      labels += [pid] * len(files)
-      cams += [cam] * len(files)
-  return ImageSet(paths=tuple(paths), labels=np.array(labels, np.int32), cameras=np.array(cams, np.int32),
-                  modality=modality)
 
 
 def llcm_counts(sets: Mapping[str, ImageSet]) -> dict[str, int]:

@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 
+from input_pipeline.datasets import folders
 from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
 
 NUM_TRIALS = 10
@@ -51,7 +52,8 @@ def read_regdb(root: str, trial: int) -> dict[str, ImageSet]:
       rel = f"idx/{part}_{kind}_{trial}.txt"
       if not os.path.isfile(os.path.join(root, rel)):
         raise FileNotFoundError(f"RegDB split file {rel} not found under {root}: {_LAYOUT}.")
-      sets[f"{part}_{kind}"] = _read_list(root, rel, modality)
+      sets[f"{part}_{kind}"] = folders.read_list_file(root, rel, modality, "RegDB", _LAYOUT + ".",
+                                                       lambda p, m=modality: camera_of(p, m))
   return sets
 
 
@@ -63,23 +65,3 @@ def camera_of(path: str, modality: int) -> int:
   return VISIBLE_CAMERA if modality == VISIBLE else THERMAL_CAMERA
 
 
-def _read_list(root: str, rel: str, modality: int) -> ImageSet:
-  path = os.path.join(root, rel)
-  paths, labels, cameras = [], [], []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      fields = line.split()
-      if not fields:
-        continue
-      if len(fields) != 2 or not re.fullmatch(r"\d+", fields[1]):
-        raise ValueError(f"{path}, line {number}: expected '<relative image path> <non-negative integer label>', "
-                         f"got {line.rstrip()!r}. Fix or re-download the RegDB list files.")
-      image = os.path.normpath(os.path.join(root, fields[0]))
-      if not os.path.isfile(image):
-        raise FileNotFoundError(f"RegDB image {fields[0]} (listed in {rel}, line {number}) not found under "
-                                f"{root}: {_LAYOUT}.")
-      paths.append(image)
-      labels.append(int(fields[1]))
-      cameras.append(camera_of(image, modality))
-  return ImageSet(paths=tuple(paths), labels=np.array(labels, np.int32), cameras=np.array(cameras, np.int32),
-                  modality=modality)

@@ -16,12 +16,10 @@ reported in one logging warning, and the reader goes on.
 
 import logging
 import os
-from typing import Mapping, Sequence
-
-import numpy as np
+from typing import Mapping
 
 from input_pipeline.datasets import folders
-from input_pipeline.datasets.folders import image_set_counts, list_images, read_id_file
+from input_pipeline.datasets.folders import image_set_counts, read_id_file
 from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
 
 RGB_CAMERAS = (1, 2, 4, 5)
@@ -69,7 +67,7 @@ def read_sysu(root: str) -> dict[str, ImageSet]:
   for part in ("train", "test"):
     found = set()
     for kind, cameras, modality in (("visible", RGB_CAMERAS, VISIBLE), ("infrared", IR_CAMERAS, INFRARED)):
-      sets[f"{part}_{kind}"] = _read_folders(root, ids[part], cameras, modality, found)
+      sets[f"{part}_{kind}"] = folders.read_camera_folders(root, ids[part], cameras, modality, found)
     missing[part] = [i for i in ids[part] if i not in found]
   if missing["train"] or missing["test"]:
     _log.warning(
@@ -78,23 +76,6 @@ def read_sysu(root: str) -> dict[str, ImageSet]:
         "identity: compare the counts with compare_with_published.", root, len(missing["train"]),
         len(ids["train"]), len(missing["test"]), len(ids["test"]), missing["train"][:10], missing["test"][:10])
   return sets
-
-
-def _read_folders(root: str, ids: Sequence[int], cameras: Sequence[int], modality: int, found: set) -> ImageSet:
-  paths, labels, cams = [], [], []
-  for pid in ids:
-    for cam in cameras:
-      folder = os.path.join(root, f"cam{cam}", f"{pid:04d}")
-      if not os.path.isdir(folder):
-        continue
-      files = list_images(folder)
-      if files:
-        found.add(pid)
-      paths += files
-      labels += [pid] * len(files)
-      cams += [cam] * len(files)
-  return ImageSet(paths=tuple(paths), labels=np.array(labels, np.int32), cameras=np.array(cams, np.int32),
-                  modality=modality)
 
 
 def sysu_counts(sets: Mapping[str, ImageSet]) -> dict[str, int]:
