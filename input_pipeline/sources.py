@@ -40,33 +40,30 @@ class DataSource:
   directions: tuple
 
 
-def _regdb_like(name: str, root: str, trial: int) -> DataSource:
-  sets = regdb.read_regdb(root, trial)
+BOTH_DIRECTIONS = (EvalDirection("visible_to_infrared", "visible", "infrared"),
+                   EvalDirection("infrared_to_visible", "infrared", "visible"))
+INFRARED_TO_VISIBLE = BOTH_DIRECTIONS[1:]
+
+
+def _source(name: str, protocol: str, sets: dict, infrared: str, directions: tuple) -> DataSource:
+  """A DataSource from a reader's sets (keys train_/test_ + "visible" or `infrared`, the reader's IR name)."""
   return DataSource(
-      name=name, protocol="regdb",
-      train_visible=sets["train_visible"], train_infrared=sets["train_thermal"],
-      test_sets={"visible": sets["test_visible"], "infrared": sets["test_thermal"]},
-      directions=(EvalDirection("visible_to_infrared", "visible", "infrared"),
-                  EvalDirection("infrared_to_visible", "infrared", "visible")))
+      name=name, protocol=protocol,
+      train_visible=sets["train_visible"], train_infrared=sets[f"train_{infrared}"],
+      test_sets={"visible": sets["test_visible"], "infrared": sets[f"test_{infrared}"]},
+      directions=directions)
+
+
+def _regdb_like(name: str, root: str, trial: int) -> DataSource:
+  return _source(name, "regdb", regdb.read_regdb(root, trial), "thermal", BOTH_DIRECTIONS)
 
 
 def _sysu_source(root: str) -> DataSource:
-  sets = sysu.read_sysu(root)
-  return DataSource(
-      name="sysu", protocol="sysu",
-      train_visible=sets["train_visible"], train_infrared=sets["train_infrared"],
-      test_sets={"visible": sets["test_visible"], "infrared": sets["test_infrared"]},
-      directions=(EvalDirection("infrared_to_visible", "infrared", "visible"),))
+  return _source("sysu", "sysu", sysu.read_sysu(root), "infrared", INFRARED_TO_VISIBLE)
 
 
 def _llcm_source(root: str) -> DataSource:
-  sets = llcm.read_llcm(root)
-  return DataSource(
-      name="llcm", protocol="llcm",
-      train_visible=sets["train_visible"], train_infrared=sets["train_infrared"],
-      test_sets={"visible": sets["test_visible"], "infrared": sets["test_infrared"]},
-      directions=(EvalDirection("visible_to_infrared", "visible", "infrared"),
-                  EvalDirection("infrared_to_visible", "infrared", "visible")))
+  return _source("llcm", "llcm", llcm.read_llcm(root), "infrared", BOTH_DIRECTIONS)
 
 
 def synthetic_root(config: ml_collections.ConfigDict, workdir: str) -> str:
