@@ -15,6 +15,9 @@ PUBLISHED_COUNTS = {
     "SYSU-MM01": {"train_ids": 395, "train_visible_images": 22258, "train_infrared_images": 11909,
                   "test_ids": 96, "test_infrared_images": 3803},
     "LLCM": {"train_ids": 713, "test_ids": 1064 - 713},
+    # RegDB (Nguyen et al. 2017): 412 ids x 10 visible + 10 thermal images; every split 206 train / 206 test ids.
+    "RegDB": {"train_ids": 206, "test_ids": 206, "train_visible_images": 2060, "train_infrared_images": 2060,
+              "test_visible_images": 2060, "test_infrared_images": 2060},
 }
 
 

@@ -65,3 +65,9 @@ def camera_of(path: str, modality: int) -> int:
   return VISIBLE_CAMERA if modality == VISIBLE else THERMAL_CAMERA
 
 
+
+
+def regdb_counts(sets: dict) -> dict[str, int]:
+  """The counts of `read_regdb`'s sets, keys as folders.PUBLISHED_COUNTS["RegDB"] (thermal counted as infrared)."""
+  return folders.image_set_counts({f"{part}_{kind}": sets[f"{part}_{'thermal' if kind == 'infrared' else kind}"]
+                                   for part in ("train", "test") for kind in ("visible", "infrared")})

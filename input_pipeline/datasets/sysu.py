@@ -16,7 +16,9 @@ reported in one logging warning, and the reader goes on.
 
 import logging
 import os
-from typing import Mapping
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from input_pipeline.datasets import folders
 from input_pipeline.datasets.folders import image_set_counts, read_id_file
@@ -24,6 +26,7 @@ from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
 
 RGB_CAMERAS = (1, 2, 4, 5)
 IR_CAMERAS = (3, 6)
+RAND_PERM_FILE = "exp/rand_perm_cam.mat"  # official gallery permutations (SYSU-MM01 repo, evaluation/data_split).
 ID_FILES = {"train": ("exp/train_id.txt", "exp/val_id.txt"), "test": ("exp/test_id.txt",)}
 PUBLISHED_COUNTS = folders.PUBLISHED_COUNTS["SYSU-MM01"]
 compare_with_published = folders.compare_with_published  # compare_with_published("SYSU-MM01", sysu_counts(sets))
@@ -82,3 +85,80 @@ def sysu_counts(sets: Mapping[str, ImageSet]) -> dict[str, int]:
   """The counts of `read_sysu`'s sets, keys as PUBLISHED_COUNTS: compare them with
   `compare_with_published("SYSU-MM01", counts)`."""
   return image_set_counts(sets)
+
+
+def has_rand_perm(root: str) -> bool:
+  """Whether the download has the official gallery permutations exp/rand_perm_cam.mat."""
+  return os.path.isfile(os.path.join(os.fspath(root), RAND_PERM_FILE))
+
+
+def read_rand_perm(root: str) -> dict[str, list]:
+  """The official gallery permutations of SYSU-MM01 (exp/rand_perm_cam.mat), as JSON-able lists.
+
+  The file (wuancong/SYSU-MM01, evaluation/data_split/rand_perm_cam.mat; read by the MPANet / SAAI test code with
+  scipy.io.loadmat) holds `rand_perm_cam`, a 6 x 1 cell: cell c-1 (camera c) is a cell of one entry per person id
+  1..533 (entry pid-1), each a [trials, images] matrix of 1-based image numbers: row t lists the images of
+  (camera c, person pid) in the order trial t draws them (image n is cam<c>/<pid:04d>/<n:04d>.jpg). An identity with
+  no image in a camera has an empty entry.
+
+  Returns:
+    {"<camera>": [per person id 1..: [[image numbers of trial 0], [trial 1], ...] or [] when empty]} for cameras 1..6.
+  Raises:
+    FileNotFoundError: no exp/rand_perm_cam.mat under `root`.
+    ValueError: the file has no `rand_perm_cam` cell of 6 cameras (names the file).
+  """
+  import scipy.io  # pylint: disable=g-import-not-at-top  (only for this one file)
+  path = os.path.join(os.fspath(root), RAND_PERM_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"SYSU-MM01 official gallery permutations {path} not found: copy "
+                            "evaluation/data_split/rand_perm_cam.mat of https://github.com/wuancong/SYSU-MM01 into "
+                            "exp/, or set config.evals.sysu_gallery_sampling='seeded'.")
+  try:
+    cells = np.asarray(scipy.io.loadmat(path)["rand_perm_cam"], dtype=object).reshape(-1)
+  except (KeyError, ValueError, TypeError, OSError) as e:
+    raise ValueError(f"{path}: cannot read the 'rand_perm_cam' cell ({e}); re-download the file.") from None
+  if len(cells) != len(RGB_CAMERAS + IR_CAMERAS):
+    raise ValueError(f"{path}: 'rand_perm_cam' has {len(cells)} cameras, expected 6; re-download the file.")
+  table = {}
+  for cam, cell in enumerate(cells, start=1):
+    entries = np.asarray(cell, dtype=object).reshape(-1)
+    table[str(cam)] = [np.asarray(e, np.int64).reshape(np.asarray(e).shape[0], -1).tolist()
+                       if np.asarray(e).size else [] for e in entries]
+  return table
+
+
+def official_gallery(pids: Any, cams: Any, paths: Sequence[str], rand_perm: Mapping[str, list],
+                     cameras: Sequence[int], shot: int, trial: int) -> np.ndarray:
+  """The gallery of one trial with the official permutations (the MPANet / SAAI `get_gallery_names` family).
+
+  For every camera of `cameras` and every person id of the gallery set, the first `shot` image numbers of row
+  `trial` of rand_perm[camera][pid - 1] name the images "cam<c>/<pid:04d>/<n:04d>"; the gallery is every image of
+  the set (on those cameras) whose path, without extension, ends with one of those names, in set order (as
+  MPANet's `np.in1d(gallery_names, names)`). An identity with an empty entry in a camera gives no image there.
+
+  Args:
+    pids, cams: int [N] person ids and cameras of the RGB test images; paths: their N paths (absolute or relative).
+    rand_perm: `read_rand_perm`'s table.
+    cameras: gallery cameras; shot: images per (identity, camera); trial: the row, 0-based.
+  Returns:
+    int64 [G] indices into the set, ascending.
+  Raises:
+    ValueError: a trial outside the file's rows (names it).
+  """
+  pids, cams = np.asarray(pids).reshape(-1), np.asarray(cams).reshape(-1)
+  names = set()
+  ids = np.unique(pids[np.isin(cams, np.asarray(cameras))]).tolist()
+  for cam in cameras:
+    entries = rand_perm[str(int(cam))]
+    for pid in ids:
+      if not 1 <= pid <= len(entries) or not entries[pid - 1]:
+        continue
+      rows = entries[pid - 1]
+      if not 0 <= trial < len(rows):
+        raise ValueError(f"SYSU-MM01 {RAND_PERM_FILE} has {len(rows)} trials for camera {cam}, person {pid}; "
+                         f"trial {trial} asked for.")
+      names.update(f"cam{int(cam)}/{pid:04d}/{int(n):04d}" for n in rows[trial][:shot])
+  keep = [i for i, (path, cam) in enumerate(zip(paths, cams.tolist()))
+          if cam in set(int(c) for c in cameras)
+          and "/".join(os.path.splitext(str(path).replace(os.sep, "/"))[0].split("/")[-3:]) in names]
+  return np.asarray(keep, np.int64)
