@@ -74,6 +74,8 @@ def test_latest_checkpoint_matches_the_final_training_evaluation_and_writes_the_
     md = f.read()
   assert md.startswith("# Evaluation: tiny (synthetic), checkpoint step 4")
   assert "| visible_to_infrared | 1 |" in md and '"agp_stages"' in md and "UNTRAINED" not in md
+  assert "## Published (quoted, not measured)" in md and "No published numbers are recorded for synthetic" in md
+  assert written["published"] == {d: [] for d in DIRECTIONS}
   assert "| setting | trials | Rank-1 |" in capsys.readouterr().out
 
 

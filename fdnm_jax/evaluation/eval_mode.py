@@ -16,8 +16,9 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from fdnm_jax import checkpoints, sharding, train
-from fdnm_jax.evaluation import evaluator, protocols
+from fdnm_jax import checkpoints, inference, sharding, train
+from fdnm_jax.evaluation import evaluator, protocols, published
+from fdnm_jax.progress import Progress
 
 UNTRAINED_BANNER = "UNTRAINED MODEL: randomly initialised weights, no checkpoint was restored"
 RERANK_BANNER = "k-reciprocal re-ranking ON (k1={k1}, k2={k2}, lambda={lambda_value})"
@@ -106,7 +107,8 @@ def report_stem(report: dict) -> str:
 
 
 def format_summary(report: dict) -> str:
-  """Markdown title, banners (UNTRAINED, re-ranking), checkpoint and the table (mean ± std over trials)."""
+  """Markdown title, banners (UNTRAINED, re-ranking), checkpoint, the table (mean ± std over trials), then the
+  peers' published numbers for the same settings (`published.format_published`, labelled quoted, not measured)."""
   title = f"{report['name']} ({report['dataset']}), " + (
       "UNTRAINED" if report["untrained"] else f"checkpoint step {report['step']}")
   lines = [f"# Evaluation: {title}", ""]
@@ -115,7 +117,8 @@ def format_summary(report: dict) -> str:
             f"- protocol: {report['protocol']}; test-time flip: {report['test_flip']}; "
             f"re-ranking: {'on' if report['rerank']['enabled'] else 'off'}",
             "- numbers: percent; mean ± population std over the trials where a setting has several", "",
-            protocols.format_protocol_table(report["settings"])]
+            protocols.format_protocol_table(report["settings"]), "",
+            published.format_published(report["dataset"], list(report["settings"]))]
   return "\n".join(lines)
 
 
@@ -139,6 +142,33 @@ def _write(workdir: str, report: dict) -> dict[str, str]:
   return paths
 
 
+def embed_test_sets(model: Any, variables: Any, source: Any, config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """`evaluator.embed_test_sets` with a progress line per test set (the same embeddings, `inference.embed_set`)."""
+  out = {}
+  for name, image_set in source.test_sets.items():
+    modality = "visible" if image_set.modality == 0 else "infrared"
+    embed_fn = evaluator.make_embed_fn(model, mesh, modality)
+    out[name] = inference.embed_set(embed_fn, variables, image_set, config, mesh, name=f"embed test set {name}")
+  return out
+
+
+def score_settings(source: Any, embeddings: dict, settings: Any, config: ml_collections.ConfigDict,
+                   rerank: Optional[protocols.Rerank]) -> dict[str, dict]:
+  """`protocols.run_protocols` one setting at a time, with a progress line counting trials."""
+  names = [s.name for s in settings]
+  if len(set(names)) != len(names):
+    raise ValueError(f"setting names must be unique: {names}")
+  progress = Progress("score settings", total=sum(len(s.trials) for s in settings), unit="trial")
+  results = {}
+  for s in settings:
+    results[s.name] = protocols.run_setting(source, embeddings, s, config.evals.max_rank, config.evals.query_chunk,
+                                            rerank)
+    progress.update(len(s.trials))
+  progress.done()
+  return results
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoint: Optional[str] = None,
                         allow_untrained: bool = False) -> dict:
   """Evaluates a checkpoint of `workdir` under every protocol setting of `config.dataset`; writes and prints it.
@@ -152,7 +182,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   Returns:
     The report: {"name", "dataset", "protocol", "step" (0 untrained), "untrained", "checkpoint" (folder or None),
     "test_flip", "rerank" {"enabled", "k1", "k2", "lambda"}, "gallery_sampling" {setting: family},
-    "settings" (`protocols.run_protocols`), "config" (dict), "files" {"json", "md"}}.
+    "settings" (`protocols.run_protocols`), "published" {setting: quoted rows of docs/published_results.md},
+    "config" (dict), "files" {"json", "md"}}.
   Raises:
     FileNotFoundError: no checkpoint (and not allow_untrained), or the requested one does not exist.
   """
@@ -165,11 +196,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   run = train.build_run(config, workdir, mesh)
   untrained = step is None
   state = run.init_state() if untrained else _restore(config, run, ckpt_workdir, step)
-  embeddings = evaluator.embed_test_sets(run.model, train.variables_of(state), run.source, config, mesh)
+  embeddings = embed_test_sets(run.model, train.variables_of(state), run.source, config, mesh)
   settings = protocols.settings_for(run.source, config)
   rerank = rerank_of(config)
-  results = protocols.run_protocols(run.source, embeddings, settings, config.evals.max_rank,
-                                    config.evals.query_chunk, rerank)
+  results = score_settings(run.source, embeddings, settings, config, rerank)
   report = {
       "name": config.name, "dataset": config.dataset, "protocol": run.source.protocol,
       "step": 0 if untrained else step, "untrained": untrained,
@@ -179,6 +209,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
                  "lambda": config.evals.rerank_lambda},
       "gallery_sampling": {s.name: s.family for s in settings},
       "settings": results,
+      "published": {s.name: published.rows_for(config.dataset, s.name) for s in settings},
       "config": json.loads(config.to_json_best_effort()),
   }
   if untrained:
