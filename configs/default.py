@@ -14,12 +14,17 @@ def get_config() -> ml_collections.ConfigDict:
   """Returns the default (full FDNM, paper recipe) configuration."""
   config = ml_collections.ConfigDict()
   config.name = "fdnm"  # run name: used for results/<name>.json and reports.
-  config.dataset = "synthetic"  # one of: synthetic, regdb, sysu, llcm.
+  config.dataset = "synthetic"  # one of: synthetic, regdb, sysu, llcm, casia_nir_vis.
   config.seed = 0  # seeds parameter init, the identity sampler and augmentation.
 
   config.data = ml_collections.ConfigDict()
   config.data.root = ""  # folder of the data set as downloaded (its on-disk layout); "" = synthetic under the workdir.
   config.data.trial = 1  # RegDB split (1..10) used for training and testing.
+  config.data.fold = 1  # CASIA NIR-VIS 2.0 fold (1..10, protocols/*_<fold>.txt) for training and testing.
+  config.data.modality_folder_suffix = ""  # CASIA NIR-VIS 2.0: added to the listed VIS/NIR folder names ("_128x128").
+  config.data.skip_missing_images = False  # CASIA NIR-VIS 2.0: skip (and count) listed images that are not on disk.
+  config.data.data_dir = ""  # prepared TFDS folder (python -m input_pipeline.prepare; local or gs://); wins over root.
+  config.data.num_val_ids = 0  # training ids held out as a validation split (0 = the paper's full training set).
 
   config.synthetic = ml_collections.ConfigDict()
   config.synthetic.num_train_ids = 48  # identities in the synthetic train split.
@@ -84,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.evals = ml_collections.ConfigDict()
   config.evals.every_steps = 0  # evaluate every N steps during training; 0 = only at the end.
+  config.evals.select_on_test = False  # periodic evals score the test set even when a validation split exists.
+  config.evals.sysu_gallery_sampling = "seeded"  # SYSU gallery: seeded (AGW random.seed(trial)) | official (.mat).
+  config.evals.face_folds = ()  # face protocol: folds scored (mean +- std over them); () = config.data.fold.
   config.evals.test_flip = False  # test-time flip: embedding = sum over the image and its mirror.
   config.evals.max_rank = 20  # length of the CMC curve.
   config.evals.query_chunk = 1024  # queries ranked at once by the jitted evaluator (bounds memory).

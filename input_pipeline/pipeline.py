@@ -39,6 +39,34 @@ def decode(path: tf.Tensor) -> tf.Tensor:
   return image
 
 
+def _byte_source(image_sets: Sequence[ImageSet]):
+  """i (int64 scalar tensor) -> the encoded bytes of image i of the concatenated sets.
+
+  Sets read from files read `paths[i]`; prepared sets (ImageSet.encoded) look the bytes up in host memory through
+  tf.numpy_function (no graph constant, so no 2 GB graph limit). All sets must be of the same kind.
+  """
+  kinds = {s.encoded is None for s in image_sets if len(s)}
+  if len(kinds) > 1:
+    raise ValueError("Cannot mix image sets read from files with prepared (encoded) ones in one stream.")
+  if not kinds or kinds == {True}:
+    paths = tuple(p for s in image_sets for p in s.paths)
+    paths_t = tf.constant(paths if paths else ("",), tf.string)
+    return lambda i: tf.io.read_file(tf.gather(paths_t, i))
+  encoded = np.array([b for s in image_sets for b in s.encoded], dtype=object)
+
+  def lookup(i):
+    data = tf.numpy_function(lambda j: encoded[int(j)], [i], tf.string, stateful=False)
+    return tf.ensure_shape(data, [])
+  return lookup
+
+
+def decode_bytes(data: tf.Tensor) -> tf.Tensor:
+  """Decodes one encoded image (JPEG, PNG, BMP, GIF first frame, WebP) to uint8 [h, w, 3]."""
+  image = tf.io.decode_image(data, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
 def check_image(path: str) -> None:
   """Raises ImageDecodeError (or FileNotFoundError) naming `path` if it cannot be read and decoded."""
   if not os.path.isfile(path):
@@ -98,7 +126,7 @@ def train_batches(visible: ImageSet, infrared: ImageSet, input_config: Any, *, s
     vis, ir = sampler.batch_indices(step)
     return np.concatenate([vis[lo:lo + local], ir[lo:lo + local] + offset])
 
-  paths_t = tf.constant(all_paths, tf.string)
+  read_bytes = _byte_source((visible, infrared))
   classes_t = tf.constant(classes, tf.int32)
   positions_t = tf.constant(positions, tf.int64)
 
@@ -110,7 +138,7 @@ def train_batches(visible: ImageSet, infrared: ImageSet, input_config: Any, *, s
   def per_image(file, position, step):
     key = tf.stack([tf.constant(seed, tf.int64), step])
     image_seed = tf.random.experimental.stateless_fold_in(key, position)
-    image = augment.train_transform(decode(tf.gather(paths_t, file)), image_seed, c)
+    image = augment.train_transform(decode_bytes(read_bytes(file)), image_seed, c)
     return image, tf.gather(classes_t, file), step
 
   ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max).flat_map(step_files)
@@ -124,7 +152,8 @@ def train_batches(visible: ImageSet, infrared: ImageSet, input_config: Any, *, s
       try:
         images, labels, _ = next(iterator)
       except tf.errors.OpError as e:
-        _raise_named([all_paths[i] for i in files_of(step)], e, f"training batch {step}")
+        _raise_named([all_paths[i] for i in files_of(step)], e, f"training batch {step}",
+                     visible.encoded is None)
       images, labels = images.numpy(), labels.numpy()
       yield {"visible": images[:local], "infrared": images[local:], "visible_labels": labels[:local],
              "infrared_labels": labels[local:], "step": step}
@@ -164,12 +193,12 @@ def eval_batches(image_set: ImageSet, input_config: Any, batch_size: int, *, pro
   index[index >= n] = -1
   index = index.reshape(num_batches, process_count, local)[:, process_index].reshape(-1)
   paths = image_set.paths
-  paths_t = tf.constant(paths if paths else ("",), tf.string)
+  read_bytes = _byte_source((image_set,))
   height, width = int(c.height), int(c.width)
 
   def per_image(i):
     def load():
-      return augment.eval_transform(decode(tf.gather(paths_t, tf.maximum(i, 0))), height, width)
+      return augment.eval_transform(decode_bytes(read_bytes(tf.maximum(i, 0))), height, width)
     return tf.cond(i >= 0, load, lambda: tf.zeros([height, width, 3], tf.float32)), i
 
   ds = tf.data.Dataset.from_tensor_slices(index)
@@ -182,7 +211,8 @@ def eval_batches(image_set: ImageSet, input_config: Any, batch_size: int, *, pro
       try:
         images, idx = next(iterator)
       except tf.errors.OpError as e:
-        _raise_named([paths[i] for i in index[j * local:(j + 1) * local] if i >= 0], e, f"eval batch {j}")
+        _raise_named([paths[i] for i in index[j * local:(j + 1) * local] if i >= 0], e, f"eval batch {j}",
+                     image_set.encoded is None)
       idx = idx.numpy().astype(np.int32)
       batch = {"images": images.numpy(), "mask": idx >= 0, "index": idx}
       if flip:
@@ -198,8 +228,12 @@ def _check_process(process_index: int, process_count: int) -> None:
                      f"process_count={process_count}.")
 
 
-def _raise_named(paths: Sequence[str], error: tf.errors.OpError, where: str) -> None:
+def _raise_named(paths: Sequence[str], error: tf.errors.OpError, where: str, from_files: bool = True) -> None:
   """Finds the unreadable file among `paths` (the batch that failed) and raises an error naming it."""
+  if not from_files:
+    raise ImageDecodeError(f"The input pipeline failed on {where} of a prepared data set ({error.message.strip()}); "
+                           f"its images: {list(dict.fromkeys(paths))[:8]}. Prepare the set again "
+                           "(python -m input_pipeline.prepare).") from error
   for path in dict.fromkeys(paths):
     check_image(path)
   raise RuntimeError(f"The input pipeline failed on {where} ({error.message.strip()}), yet every image of that "

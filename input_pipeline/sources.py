@@ -7,18 +7,25 @@ and the evaluation directions (query set, gallery set) with the protocol that sc
     identities; one direction, infrared -> visible (the gallery is sampled per trial, fdnm_jax.evaluation.protocols).
   - llcm: protocol "llcm"; test sets "visible" (test_vis, cams 1..9) and "infrared" (test_nir, cams 1, 2, 4..9);
     both directions.
+  - casia_nir_vis: protocol "face"; trains on fold config.data.fold; test sets "probe_<k>" (NIR) and "gallery_<k>"
+    (VIS) per scored fold k (config.evals.face_folds, () = the trained fold); one direction, nir_to_vis.
 sysu, llcm and regdb read config.data.root (the data set as downloaded, FDNM_SPEC.md §5); synthetic generates its set.
+config.data.data_dir (a folder made by `python -m input_pipeline.prepare`, local or gs://) wins over root: the same
+ImageSets (labels, cameras, modality, paths relative to the download), decoded from the stored bytes.
+config.data.num_val_ids > 0 holds out the last N training identities as `DataSource.validation`.
 """
 
 import dataclasses
 import os
+from typing import Optional
 
 import ml_collections
+import numpy as np
 
-from input_pipeline.datasets import llcm, regdb, synthetic, sysu
+from input_pipeline.datasets import casia_builder, llcm, regdb, synthetic, sysu, tfds_builders
 from input_pipeline.datasets.image_set import ImageSet
 
-KNOWN_DATASETS = ("synthetic", "regdb", "sysu", "llcm")
+KNOWN_DATASETS = ("synthetic", "regdb", "sysu", "llcm", "casia_nir_vis")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,16 +40,19 @@ class EvalDirection:
 class DataSource:
   """Everything the trainer needs to know about a data set's files."""
   name: str
-  protocol: str  # evaluation protocol of compute_metrics: sysu | regdb | llcm.
+  protocol: str  # evaluation protocol: sysu | regdb | llcm (compute_metrics) | face (evaluation.face).
   train_visible: ImageSet
   train_infrared: ImageSet
   test_sets: dict
   directions: tuple
+  extras: dict = dataclasses.field(default_factory=dict)  # e.g. "rand_perm_cam": SYSU's official permutations.
+  validation: Optional["DataSource"] = None  # held-out training ids (config.data.num_val_ids > 0), protocol regdb.
 
 
 BOTH_DIRECTIONS = (EvalDirection("visible_to_infrared", "visible", "infrared"),
                    EvalDirection("infrared_to_visible", "infrared", "visible"))
 INFRARED_TO_VISIBLE = BOTH_DIRECTIONS[1:]
+NIR_TO_VIS = (EvalDirection("nir_to_vis", "probe", "gallery"),)  # face: test sets probe_<fold>, gallery_<fold>.
 
 
 def _source(name: str, protocol: str, sets: dict, infrared: str, directions: tuple) -> DataSource:
@@ -59,7 +69,73 @@ def _regdb_like(name: str, root: str, trial: int) -> DataSource:
 
 
 def _sysu_source(root: str) -> DataSource:
-  return _source("sysu", "sysu", sysu.read_sysu(root), "infrared", INFRARED_TO_VISIBLE)
+  source = _source("sysu", "sysu", sysu.read_sysu(root), "infrared", INFRARED_TO_VISIBLE)
+  if sysu.has_rand_perm(root):
+    source = dataclasses.replace(source, extras={"rand_perm_cam": sysu.read_rand_perm(root)})
+  return source
+
+
+# Prepared builder name -> (config.dataset, protocol, {set key: (split, modality)}, directions).
+PREPARED = {
+    "sysu_mm01": ("sysu", "sysu", {"train_visible": ("train", 0), "train_infrared": ("train", 1),
+                                   "test_visible": ("test", 0), "test_infrared": ("test", 1)}, INFRARED_TO_VISIBLE),
+    "regdb": ("regdb", "regdb", {"train_visible": ("train", 0), "train_infrared": ("train", 1),
+                                 "test_visible": ("test_visible", 0), "test_infrared": ("test_thermal", 1)},
+              BOTH_DIRECTIONS),
+    "llcm": ("llcm", "llcm", {"train_visible": ("train", 0), "train_infrared": ("train", 1),
+                              "test_visible": ("test_vis", 0), "test_infrared": ("test_nir", 1)}, BOTH_DIRECTIONS),
+}
+
+
+def _prepared_source(config: ml_collections.ConfigDict) -> DataSource:
+  """The DataSource of the prepared folder config.data.data_dir (see the module docstring)."""
+  prepared = tfds_builders.read_prepared(config.data.data_dir)
+  if prepared.name not in PREPARED:
+    raise ValueError(f"config.data.data_dir={config.data.data_dir} holds data set {prepared.name!r}, which has no "
+                     f"registry entry: use one of {sorted(PREPARED)}.")
+  name, protocol, keys, directions = PREPARED[prepared.name]
+  if config.dataset != name:
+    raise ValueError(f"config.data.data_dir={config.data.data_dir} holds {prepared.name!r} but config.dataset is "
+                     f"{config.dataset!r}: use --config=configs/{name}.py or point data_dir at a {name} set.")
+  split = prepared.metadata.get("split")
+  if name == "regdb" and split is not None and int(split) != int(config.data.trial):
+    raise ValueError(f"config.data.data_dir={config.data.data_dir} is RegDB split {split} but config.data.trial is "
+                     f"{config.data.trial}: pass --config.data.trial={split} or the split_{config.data.trial} folder.")
+  sets = {key: prepared.image_set(*where) for key, where in keys.items()}
+  extras = {"rand_perm_cam": prepared.metadata["rand_perm_cam"]} if prepared.metadata.get("rand_perm_cam") else {}
+  return dataclasses.replace(_source(name, protocol, sets, "infrared", directions), extras=extras)
+
+
+def hold_out_validation(source: DataSource, num_val_ids: int) -> DataSource:
+  """Moves the last `num_val_ids` training identities (ascending ids present in both modalities) out of training
+  into `source.validation`: a RegDB-style source (protocol regdb, both directions, whole sets, one trial).
+
+  Raises:
+    ValueError: num_val_ids < 0, or not fewer than the identities with both modalities (names the field).
+  """
+  if num_val_ids == 0:
+    return source
+  shared = np.intersect1d(source.train_visible.labels, source.train_infrared.labels)
+  if num_val_ids < 0 or num_val_ids >= len(shared):
+    raise ValueError(f"config.data.num_val_ids={num_val_ids}: need 0 <= num_val_ids < {len(shared)} (the training "
+                     "identities with visible and infrared images).")
+  held = shared[-num_val_ids:]
+  parts = {}
+  for key, s in (("visible", source.train_visible), ("infrared", source.train_infrared)):
+    out = np.isin(s.labels, held)
+    parts[key] = (s.subset(np.flatnonzero(~out)), s.subset(np.flatnonzero(out)))
+  validation = DataSource(name=f"{source.name}_validation", protocol="regdb", train_visible=parts["visible"][0],
+                          train_infrared=parts["infrared"][0],
+                          test_sets={"visible": parts["visible"][1], "infrared": parts["infrared"][1]},
+                          directions=BOTH_DIRECTIONS)
+  return dataclasses.replace(source, train_visible=parts["visible"][0], train_infrared=parts["infrared"][0],
+                             validation=validation)
+
+
+def _casia_source(config: ml_collections.ConfigDict) -> DataSource:
+  train_visible, train_infrared, test_sets = casia_builder.source_sets(config)
+  return DataSource(name="casia_nir_vis", protocol="face", train_visible=train_visible, train_infrared=train_infrared,
+                    test_sets=test_sets, directions=NIR_TO_VIS)
 
 
 def _llcm_source(root: str) -> DataSource:
@@ -78,7 +154,16 @@ def load_source(config: ml_collections.ConfigDict, workdir: str) -> DataSource:
     ValueError: unknown data set name, missing data root (regdb, sysu, llcm) or a malformed list file.
     FileNotFoundError: the data set's layout is incomplete (the message names the file).
   """
+  source = _load(config, workdir)
+  return hold_out_validation(source, int(config.data.get("num_val_ids", 0)))
+
+
+def _load(config: ml_collections.ConfigDict, workdir: str) -> DataSource:
   name = config.dataset
+  if name == "casia_nir_vis":
+    return _casia_source(config)
+  if config.data.get("data_dir"):
+    return _prepared_source(config)
   if name == "synthetic":
     s = config.synthetic
     root = synthetic.generate(

@@ -39,8 +39,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fdnm_jax.evaluation import face
 from fdnm_jax.evaluation.metrics import compute_metrics, pairwise_distance
 from fdnm_jax.evaluation.reranking import re_ranking
+from input_pipeline.datasets import sysu
 from input_pipeline.datasets.image_set import ImageSet
 from input_pipeline.sources import DataSource, EvalDirection
 
@@ -53,6 +55,8 @@ METRICS = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")  # reported numb
 
 _SYSU_FAMILY = ("AGW process_gallery_sysu: python random.seed(trial), trial in 0..9; ids ascending, cams {cams}, "
                 "files sorted by path; {draw} per (id, cam)")
+_SYSU_OFFICIAL_FAMILY = ("official SYSU-MM01 permutations exp/rand_perm_cam.mat (MPANet / SAAI get_gallery_names): "
+                         "trial t = row t, the first {n} image numbers per (id, cam), cams {cams}")
 _LLCM_FAMILY = ("DEEN process_gallery_llcm: python random.seed(trial), trial in 0..9; ids ascending, cams "
                 "ascending, files sorted by path; random.choice per (id, cam)")
 _SPLIT_FAMILY = "none: the whole test sets of split {split} (one trial)"
@@ -71,6 +75,7 @@ class Setting:
     shot: images drawn per (identity, camera) in each trial; 0 = the whole gallery set, nothing drawn.
     trials: the seeds of the trials (shot > 0), or the one split number (shot 0).
     family: how the gallery is drawn, in words (recorded in every report).
+    rand_perm: SYSU-MM01's official permutations (`sysu.read_rand_perm`) when the gallery follows them, else None.
   """
   name: str
   query: str
@@ -81,6 +86,7 @@ class Setting:
   shot: int
   trials: tuple[int, ...]
   family: str
+  rand_perm: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class Rerank(NamedTuple):
@@ -180,20 +186,29 @@ def gallery_indices(setting: Setting, image_set: ImageSet, trial: int) -> np.nda
   """int64 [G] indices of the setting's gallery for `trial` in its gallery set."""
   if setting.shot == 0:
     return camera_indices(image_set.cameras, setting.gallery_cameras)
+  if setting.rand_perm is not None:
+    return sysu.official_gallery(image_set.labels, image_set.cameras, image_set.paths, setting.rand_perm,
+                                 setting.gallery_cameras, setting.shot, trial)
   return sample_per_camera(image_set.labels, image_set.cameras, image_set.paths, setting.gallery_cameras,
                            setting.shot, trial)
 
 
-def sysu_settings(direction: EvalDirection, trials: Sequence[int] = TRIALS) -> tuple[Setting, ...]:
-  """All- and indoor-search, single- and multi-shot, for SYSU-MM01's (infrared -> visible) direction."""
+def sysu_settings(direction: EvalDirection, trials: Sequence[int] = TRIALS,
+                  rand_perm: Optional[Mapping[str, Any]] = None) -> tuple[Setting, ...]:
+  """All- and indoor-search, single- and multi-shot, for SYSU-MM01's (infrared -> visible) direction.
+
+  rand_perm: None = the seeded family (AGW); else the official permutations (`sysu.read_rand_perm`), trial t = row t.
+  """
   settings = []
   for mode, cams in SYSU_GALLERY_CAMERAS.items():
     for shot, n in SHOTS.items():
       draw = "random.choice" if n == 1 else f"random.sample(files, min({n}, len(files)))"
+      family = (_SYSU_FAMILY.format(cams=cams, draw=draw) if rand_perm is None
+                else _SYSU_OFFICIAL_FAMILY.format(cams=cams, n=n))
       settings.append(Setting(
           name=f"{mode}_search_{shot}_shot", query=direction.query, gallery=direction.gallery, protocol="sysu",
           query_cameras=SYSU_QUERY_CAMERAS, gallery_cameras=cams, shot=n, trials=tuple(trials),
-          family=_SYSU_FAMILY.format(cams=cams, draw=draw)))
+          family=family, rand_perm=rand_perm))
   return tuple(settings)
 
 
@@ -217,12 +232,27 @@ def settings_for(source: DataSource, config: ml_collections.ConfigDict) -> tuple
   regdb: one per direction, one trial (the split config.data.trial).
   """
   if source.protocol == "sysu":
-    return tuple(s for d in source.directions for s in sysu_settings(d))
+    sampling = (config.get("evals") or {}).get("sysu_gallery_sampling", "seeded")
+    if sampling not in ("seeded", "official"):
+      raise ValueError(f"config.evals.sysu_gallery_sampling={sampling!r}: use 'seeded' or 'official'.")
+    rand_perm = None
+    if sampling == "official":
+      rand_perm = source.extras.get("rand_perm_cam")
+      if rand_perm is None:
+        raise FileNotFoundError(
+            "config.evals.sysu_gallery_sampling='official' needs SYSU-MM01's exp/rand_perm_cam.mat: copy "
+            "evaluation/data_split/rand_perm_cam.mat of https://github.com/wuancong/SYSU-MM01 into <root>/exp/ (and "
+            "prepare the set again if you use config.data.data_dir), or set it to 'seeded'.")
+    return tuple(s for d in source.directions for s in sysu_settings(d, rand_perm=rand_perm))
   if source.protocol == "llcm":
     return tuple(llcm_setting(d) for d in source.directions)
   if source.protocol == "regdb":
     return tuple(split_setting(d, "regdb", config.data.trial) for d in source.directions)
-  raise ValueError(f"data source {source.name!r} has protocol {source.protocol!r}: use sysu, regdb or llcm")
+  if source.protocol == "face":  # trials = the folds scored (fdnm_jax.evaluation.face).
+    return tuple(Setting(name=d.name, query=d.query, gallery=d.gallery, protocol="face", query_cameras=None,
+                         gallery_cameras=None, shot=0, trials=face.folds_of(config), family=face.FAMILY)
+                 for d in source.directions)
+  raise ValueError(f"data source {source.name!r} has protocol {source.protocol!r}: use sysu, regdb, llcm or face")
 
 
 def _euclidean(neg_cosine: np.ndarray) -> np.ndarray:
@@ -313,7 +343,8 @@ def run_protocols(source: DataSource, embeddings_by_set: Mapping[str, np.ndarray
   names = [s.name for s in settings]
   if len(set(names)) != len(names):
     raise ValueError(f"setting names must be unique: {names}")
-  return {s.name: run_setting(source, embeddings_by_set, s, max_rank, query_chunk, rerank) for s in settings}
+  return {s.name: (face.run_face_setting(source, embeddings_by_set, s, max_rank, rerank) if s.protocol == "face"
+                   else run_setting(source, embeddings_by_set, s, max_rank, query_chunk, rerank)) for s in settings}
 
 
 def _cell(result: Mapping[str, Any], metric: str) -> str:
@@ -325,8 +356,8 @@ def _cell(result: Mapping[str, Any], metric: str) -> str:
 
 def format_protocol_table(results: Mapping[str, Mapping[str, Any]]) -> str:
   """A Markdown table: one row per setting; Rank-1/5/10/20, mAP, mINP in percent, "mean ± std" over trials."""
-  cols = [c for c in METRICS if any(c in r["mean"] for r in results.values())]
-  header = "| setting | trials | " + " | ".join(c.replace("rank", "Rank-") for c in cols) + " |"
+  cols = [c for c in METRICS + face.METRICS[1:] if any(c in r["mean"] for r in results.values())]
+  header = "| setting | trials | " + " | ".join(face.LABELS.get(c, c.replace("rank", "Rank-")) for c in cols) + " |"
   lines = [header, "|" + "---|" * (len(cols) + 2)]
   for name, r in results.items():
     lines.append(f"| {name} | {len(r['trials'])} | " + " | ".join(_cell(r, c) for c in cols) + " |")

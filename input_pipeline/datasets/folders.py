@@ -54,6 +54,12 @@ def list_images(folder: str) -> list[str]:
                 if not name.startswith(".") and os.path.isfile(os.path.join(folder, name)))
 
 
+def list_subfolders(folder: str) -> list[str]:
+  """The names of the sub-folders of `folder`, sorted; names starting with "." are skipped."""
+  return sorted(name for name in os.listdir(folder)
+                if not name.startswith(".") and os.path.isdir(os.path.join(folder, name)))
+
+
 def image_set_counts(sets: Mapping[str, ImageSet]) -> dict[str, int]:
   """Identities and images of the four sets: {part}_ids (either modality) and {part}_{kind}_images."""
   counts = {}

@@ -59,6 +59,9 @@ def read_sysu(root: str) -> dict[str, ImageSet]:
   for cam in RGB_CAMERAS + IR_CAMERAS:
     if not os.path.isdir(os.path.join(root, f"cam{cam}")):
       raise FileNotFoundError(f"SYSU-MM01 camera folder cam{cam}/ not found under {root}: {_LAYOUT}")
+    if not folders.list_subfolders(os.path.join(root, f"cam{cam}")):
+      raise FileNotFoundError(f"SYSU-MM01 camera folder {os.path.join(root, f'cam{cam}')} is empty (no <pid:04d>/ "
+                              f"identity folder): the download is incomplete; re-download or re-extract it. {_LAYOUT}")
   ids = {}
   for part, files in ID_FILES.items():
     ids[part] = sorted(set(i for rel in files for i in read_id_file(os.path.join(root, rel), "SYSU-MM01 id file")))
