@@ -1,0 +1,1 @@
+"""Figures for researchers (matplotlib, Agg backend): rank lists, distance histograms, t-SNE scatters."""
