@@ -14,8 +14,9 @@ The paper reports face results but gives no face recipe; chosen here (each a fie
     288 x 144, scaled to the smaller image);
   - everything else as the ReID recipe (FDNM_SPEC.md §3): P = 6 subjects x K = 4 images per modality, SGD
     0.01 / 0.1 with warm-up and decay at epochs 20 and 80, 150 epochs, flip, random grayscale and erasing;
-  - the whole data set images are used as listed (config.data.modality_folder_suffix="_128x128" reads the cropped
-    copies instead).
+  - the images are read as the lists name them (the full frames); config.data.modality_folder_suffix="_128x128"
+    reads the cropped copies of the same names instead (stephenkung/NIR_VIS_Face_Recognition reads those);
+  - one run per fold: the standard 10-fold mean +- std combines ten runs (the command above).
 """
 
 from configs import default

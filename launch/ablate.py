@@ -23,7 +23,8 @@ ALL_ROWS = ("baseline", "agp", "anm", "anm_cnm", "full", "agp_at_1", "agp_at_2",
             "agp_at_1_2", "agp_at_1_2_3")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "synthetic", "Data-set config the rows change: synthetic, regdb, sysu, llcm.")
+flags.DEFINE_string("dataset", "synthetic", "Data-set config the rows change: synthetic, regdb, sysu, llcm, "
+                    "casia_nir_vis.")
 flags.DEFINE_list("rows", list(ALL_ROWS), "Ablation rows (file names under configs/ablations/).")
 flags.DEFINE_string("workdir", "runs/ablations", "Parent folder of the rows' workdirs.")
 flags.DEFINE_string("out", None, "Markdown file for the table (default: <workdir>/ablations.md).")
@@ -84,10 +85,11 @@ def read_report(row: str, workdir: str, name: str) -> dict:
 
 
 def markdown_table(rows: list[tuple[str, dict, str]]) -> str:
-  """One line per row: Rank-1/10/20, mAP, mINP per protocol setting (percent; mean over trials), params, step
-  time, config diff."""
+  """One line per row: Rank-1/10/20, mAP, mINP per protocol setting (face settings: Rank-1, VR@FAR 1 % / 0.1 %;
+  percent; mean over trials), params, step time, config diff."""
   settings = list(rows[0][1]["settings"]) if rows else []
-  metrics = ("rank1", "rank10", "rank20", "mAP", "mINP")
+  first = next(iter(rows[0][1]["settings"].values()), {}) if rows else {}
+  metrics = tuple(m for m in ("rank1", "rank10", "rank20", "mAP", "mINP", "vr_far_1", "vr_far_0_1") if m in first)
   header = ["row"] + [f"{d} {m.replace('rank', 'R')}" for d in settings for m in metrics] + [
       "params (M)", "step (s)", "config diff"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -9,7 +9,7 @@ import importlib
 import ml_collections
 
 DATASET_CONFIGS = {"synthetic": "configs.synthetic", "regdb": "configs.regdb", "sysu": "configs.sysu",
-                   "llcm": "configs.llcm"}
+                   "llcm": "configs.llcm", "casia_nir_vis": "configs.casia_nir_vis"}
 
 
 def dataset_config(arg: str | None) -> ml_collections.ConfigDict:

@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fdnm_jax import sharding
-from fdnm_jax.evaluation import protocols
+from fdnm_jax.evaluation import face, protocols
 from fdnm_jax.evaluation.metrics import compute_metrics, pairwise_distance
 from input_pipeline import pipeline
 from input_pipeline.sources import DataSource
@@ -138,10 +138,14 @@ def evaluate(model: Any, variables: Any, source: DataSource, config: ml_collecti
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-  """A Markdown table: one row per protocol setting (direction), Rank-1/5/10/20, mAP and mINP in percent."""
-  cols = [c for c in ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP") if any(c in r for r in results.values())]
-  header = "| setting | " + " | ".join(c.replace("rank", "Rank-") for c in cols) + " |"
+  """A Markdown table: one row per protocol setting (direction), Rank-1/5/10/20, mAP and mINP in percent (face
+  settings: Rank-1, VR@FAR=1%, VR@FAR=0.1%, "mean ± std" over the folds when several are scored)."""
+  metrics = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP") + face.METRICS[1:]
+  cols = [c for c in metrics if any(c in r for r in results.values())]
+  header = "| setting | " + " | ".join(face.LABELS.get(c, c.replace("rank", "Rank-")) for c in cols) + " |"
   lines = [header, "|" + "---|" * (len(cols) + 1)]
   for name, r in results.items():
-    lines.append(f"| {name} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |")
+    folds = any(k in r for k in face.METRICS[1:]) and r.get("trials", 1) > 1
+    cells = [(f"{r[c]:.2f} ± {r[c + '_std']:.2f}" if folds else f"{r[c]:.2f}") if c in r else "—" for c in cols]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -87,7 +87,8 @@ def test_rank1_and_ranks_hand_worked():
 def _fold_embeddings(rng, subjects, probes_per_subject, noise):
   """Gallery: one embedding per subject; probes: that embedding plus noise (some probes land on another subject)."""
   centers = rng.normal(size=(len(subjects), 8))
-  probe = np.repeat(centers, probes_per_subject, axis=0) + noise * rng.normal(size=(len(subjects) * probes_per_subject, 8))
+  n = len(subjects) * probes_per_subject
+  probe = np.repeat(centers, probes_per_subject, axis=0) + noise * rng.normal(size=(n, 8))
   return centers, np.asarray(subjects), probe, np.repeat(subjects, probes_per_subject)
 
 
