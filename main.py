@@ -3,6 +3,8 @@
   python main.py --config=configs/synthetic.py --workdir=runs/synthetic
   python main.py --config=configs/regdb.py --workdir=runs/regdb --config.data.root=/data/RegDB
   python main.py --mode=eval --config=configs/synthetic.py --workdir=runs/synthetic [--checkpoint=STEP]
+  python main.py --mode=extract --workdir=runs/synthetic --images=DIR_OR_LIST --modality=infrared --out=feats/
+  python main.py --mode=visualize --workdir=runs/synthetic [--queries=6] [--compare_workdir=runs/baseline]
 
 Config fields are overridden on the command line (`--config.optim.base_lr=0.02`); the config
 is locked, so a misspelt field is an error, not a silent no-op.
@@ -20,14 +22,21 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path of a config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics, results and the config.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"],
+flags.DEFINE_enum("mode", "train", ["train", "eval", "extract", "visualize"],
                   "train: train (resuming from the workdir) and evaluate at the end. eval: evaluate a checkpoint "
-                  "under every protocol setting of the data set (report in <workdir>/results/eval_*.json, .md).")
-flags.DEFINE_string("checkpoint", None, "--mode=eval: a step number of <workdir>/checkpoints, or a folder "
+                  "under every protocol setting of the data set (report in <workdir>/results/eval_*.json, .md). "
+                  "extract: embed --images with the workdir's model (<out>/features.npy, index.tsv). visualize: "
+                  "rank lists, distance histograms and t-SNE PNGs in <workdir>/visualize/.")
+flags.DEFINE_string("checkpoint", None, "--mode=eval|extract|visualize: a step number of <workdir>/checkpoints, or a folder "
                     "<workdir>/checkpoints/<step>; default: the latest step.")
 flags.DEFINE_bool("allow_untrained", False, "--mode=eval: with no checkpoint, evaluate the randomly initialised "
                   "model (reports marked UNTRAINED) instead of stopping with an error.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_string("images", None, "--mode=extract: a folder of images (recursive) or a text list of paths.")
+flags.DEFINE_enum("modality", None, ["visible", "infrared"], "--mode=extract: which stem embeds the images.")
+flags.DEFINE_string("out", None, "--mode=extract: output folder for features.npy and index.tsv.")
+flags.DEFINE_string("queries", "4", "--mode=visualize: n queries evenly spaced, or positions '0,17,42'.")
+flags.DEFINE_string("compare_workdir", None, "--mode=visualize: a second run whose distance histograms go beside.")
+flags.mark_flags_as_required(["workdir"])  # --config too, except for extract/visualize (default: <workdir>/config.json).
 
 # Errors caused by the user's input: reported as one clear line, not a stack trace.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, NotImplementedError,
@@ -48,8 +57,14 @@ def _quiet_library_info_logs() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if FLAGS.mode != "eval" and (FLAGS.checkpoint is not None or FLAGS.allow_untrained):
-    raise app.UsageError("--checkpoint and --allow_untrained apply to --mode=eval only")
+  if FLAGS.mode == "train" and FLAGS.checkpoint is not None:
+    raise app.UsageError("--checkpoint applies to --mode=eval, extract and visualize only")
+  if FLAGS.mode != "eval" and FLAGS.allow_untrained:
+    raise app.UsageError("--allow_untrained applies to --mode=eval only")
+  if FLAGS.config is None and FLAGS.mode in ("train", "eval"):
+    raise app.UsageError(f"--mode={FLAGS.mode} needs --config (a configs/*.py file)")
+  if FLAGS.mode == "extract" and not (FLAGS.images and FLAGS.modality and FLAGS.out):
+    raise app.UsageError("--mode=extract needs --images, --modality (visible|infrared) and --out")
   _quiet_library_info_logs()
   _hide_accelerators_from_tf()
   from fdnm_jax import train  # pylint: disable=g-import-not-at-top  (after TF is configured)
@@ -62,9 +77,15 @@ def main(argv):
       from fdnm_jax.evaluation.evaluator import format_table  # pylint: disable=g-import-not-at-top
       print(f"\n{report['name']} ({report['dataset']}, step {report['step']}):")
       print(format_table(report["settings"]))
-    else:
+    elif FLAGS.mode == "eval":
       from fdnm_jax.evaluation import eval_mode  # pylint: disable=g-import-not-at-top
       eval_mode.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.allow_untrained)
+    elif FLAGS.mode == "extract":
+      from fdnm_jax import inference  # pylint: disable=g-import-not-at-top
+      inference.extract(FLAGS.workdir, FLAGS.images, FLAGS.modality, FLAGS.out, FLAGS.checkpoint, config)
+    else:
+      from fdnm_jax import visualize  # pylint: disable=g-import-not-at-top
+      visualize.visualize(FLAGS.workdir, config, FLAGS.checkpoint, FLAGS.queries, FLAGS.compare_workdir)
   except USER_ERRORS as e:
     logging.error("%s: %s", e.__class__.__name__, e)
     sys.exit(f"error: {e}")
