@@ -108,6 +108,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.logging = ml_collections.ConfigDict()
   config.logging.every_steps = 50  # write train metrics every N steps.
 
+  config.visualize = ml_collections.ConfigDict()
+  config.visualize.top_k = 10  # --mode=visualize: gallery images shown per query in the rank lists.
+  config.visualize.num_bins = 50  # bins of each distance histogram (equal width, the panel's min..max distance).
+  config.visualize.tsne_max_ids = 20  # identities (the lowest query ids) in each t-SNE scatter.
+  config.visualize.tsne_perplexity = 30.0  # t-SNE perplexity (capped at (n - 1) / 3 for small sets).
+  config.visualize.seed = 0  # t-SNE random_state.
+
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # devices on the data axis; -1 = all devices not used by other axes.
   config.mesh.fsdp = 1  # devices on the fsdp (parameter-sharding) axis.
