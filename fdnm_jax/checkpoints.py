@@ -1,8 +1,9 @@
 """Orbax checkpoints of the train state: save every N steps, keep the latest k, resume exactly.
 
-The checkpoint folder is `<workdir>/checkpoints/<step>/state`. Restoring goes into an
-abstract state that carries the current mesh's shardings, so a checkpoint restores onto
-any device count.
+The checkpoint folder is `<workdir>/checkpoints/<step>/state` (a local path or gs://). Restoring
+goes into an abstract state that carries the current mesh's shardings, so a checkpoint written on
+8 devices (or with fsdp-sharded kernels) restores onto 1 device, another mesh or another host
+count, and the reverse.
 """
 
 import os
@@ -13,9 +14,24 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 
+def is_remote(path: str) -> bool:
+  """Whether `path` is a URL of an object store (gs://bucket/run), not a local path."""
+  return "://" in str(path)
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; an object-store URL (gs://...) unchanged."""
+  return str(path) if is_remote(path) else os.path.abspath(path)
+
+
 def checkpoint_dir(workdir: str) -> str:
-  """The folder holding a workdir's checkpoints."""
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  """The folder holding a workdir's checkpoints (`<workdir>/checkpoints`, a local path or a gs:// URL).
+
+  All hosts of a multi-host run write their shards of each checkpoint there, so it must be shared (GCS on a
+  TPU pod, a network file system on a GPU cluster); orbax writes the metadata from process 0.
+  """
+  workdir = absolute(workdir)
+  return workdir.rstrip("/") + "/checkpoints" if is_remote(workdir) else os.path.join(workdir, "checkpoints")
 
 
 def make_manager(workdir: str, ckpt_config: ml_collections.ConfigDict,

@@ -1,9 +1,18 @@
-"""The train state, the sharded train step and the train-and-evaluate loop."""
+"""The train state, the sharded train step and the train-and-evaluate loop.
+
+Multi-host: every host runs this same program on its own slice of each global batch; only process 0
+writes config.json, metrics.jsonl and results/ (every host writes its shards of the checkpoints into
+the shared `<workdir>/checkpoints`). Preemption: SIGTERM (one process) or JAX's preemption sync point
+(multi-host, after `jax.distributed.initialize`) saves a checkpoint at the current step and raises
+`Preempted`; `main.py` then exits 0 and the next start resumes from that checkpoint.
+"""
 
 import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -15,8 +24,9 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 
-from fdnm_jax import checkpoints, losses, optim, pretrained, sharding
+from fdnm_jax import checkpoints, distributed, losses, optim, pretrained, sharding
 from fdnm_jax.evaluation import evaluator
 from fdnm_jax.models.fdnm import fdnm_from_config
 from input_pipeline import pipeline, sources
@@ -34,6 +44,44 @@ class TrainState:
 
 class NonFiniteLossError(FloatingPointError):
   """A loss term became NaN or infinite."""
+
+
+class Preempted(Exception):
+  """Training stopped on a preemption notice after saving a checkpoint; `step` and `checkpoint` say where."""
+
+  def __init__(self, step: int, checkpoint: str):
+    super().__init__(f"Preempted: saved the checkpoint at step {step} to {checkpoint}; the next start resumes "
+                     "from it.")
+    self.step = step
+    self.checkpoint = checkpoint
+
+
+class PreemptionWatch:
+  """Tells the train loop, after each step, whether to save and stop.
+
+  One process: a SIGTERM handler that only sets a flag (no work in the handler), installed while the watch is
+  open (main thread only). Multi-host (`jax.distributed` initialised): JAX's preemption sync manager catches
+  SIGTERM on any host and agrees on a step all hosts stop at; `reached(step)` asks it (orbax's
+  `reached_preemption`), so every host saves the same step. Call `reached` on every host after every step.
+  """
+
+  def __init__(self):
+    self.flag = threading.Event()
+    self.synced = distributed.is_initialized()
+    self._previous = None
+    if not self.synced and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.flag.set())
+
+  def reached(self, step: int, manager: Any) -> bool:
+    """Whether to stop after `step` (1-based count of completed steps)."""
+    if self.synced:
+      return bool(manager.reached_preemption(step))
+    return self.flag.is_set()
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def _steps_per_epoch(config: ml_collections.ConfigDict, source: sources.DataSource) -> int:
@@ -99,7 +147,13 @@ def check_finite(metrics: dict[str, float], step: int) -> None:
 
 
 def ensure_writable_dir(path: str) -> None:
-  """Creates `path` if needed and checks that files can be written in it (a clear error otherwise)."""
+  """Creates `path` if needed and checks that files can be written in it (a clear error otherwise).
+
+  An object-store URL (gs://...) is only created; its permissions show at the first write.
+  """
+  if checkpoints.is_remote(path):
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+    return
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write_test_{os.getpid()}")
@@ -113,7 +167,10 @@ def ensure_writable_dir(path: str) -> None:
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` as indented JSON atomically (write to a temp file, then rename)."""
+  """Writes `obj` as indented JSON atomically (write to a temp file, then rename; gs:// objects are atomic)."""
+  if checkpoints.is_remote(path):
+    epath.Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True))
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
@@ -121,18 +178,31 @@ def write_json(path: str, obj: Any) -> None:
 
 
 class MetricsLog:
-  """Writes logged train metrics to clu writers (console, TensorBoard) and `metrics.jsonl`."""
+  """Writes logged train metrics to clu writers (console, TensorBoard) and `metrics.jsonl`.
+
+  Only process 0 writes files; the other hosts log to the console. On gs:// (no appends) the whole
+  metrics.jsonl is rewritten at each write.
+  """
 
   def __init__(self, workdir: str):
     self.is_main = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_main)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_main else None
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.remote = checkpoints.is_remote(workdir)
+    self.lines: list[str] = []
+    if self.is_main and self.remote and self.path.exists():
+      self.lines = self.path.read_text().splitlines(keepends=True)
+    self.jsonl = open(self.path, "a") if self.is_main and not self.remote else None
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     self.writer.write_scalars(step, scalars)
+    line = json.dumps({"step": step, **scalars}) + "\n"
     if self.jsonl:
-      self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+      self.jsonl.write(line)
       self.jsonl.flush()
+    elif self.is_main:
+      self.lines.append(line)
+      self.path.write_text("".join(self.lines))
 
   def close(self) -> None:
     self.writer.flush()
@@ -175,7 +245,9 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
 
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, rng)
-  state_sharding = sharding.state_shardings(abstract, mesh)
+  state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+  logging.info("State sharding of the largest leaves (mesh %s):\n%s", dict(mesh.shape),
+               sharding.describe_shardings(abstract, state_sharding))
   init_sharded = jax.jit(init, out_shardings=state_sharding)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
   return Run(source=source, num_classes=num_classes, model=model, tx=tx, steps_per_epoch=steps_per_epoch,
@@ -196,14 +268,17 @@ def count_params(params: Any) -> int:
 def _run_eval(model, state, source, config, mesh, workdir, step, log: MetricsLog,
               train_step_seconds: Optional[float] = None) -> dict:
   results = evaluator.evaluate(model, variables_of(state), source, config, mesh)
-  scalars = {f"test/{d}/{k}": v for d, r in results.items() for k, v in r.items() if not isinstance(v, list)}
+  scalars = {f"{source.split}/{d}/{k}": v for d, r in results.items() for k, v in r.items() if not isinstance(v, list)}
   log.write(step, {k: float(v) for k, v in scalars.items()})
   report = {"name": config.name, "dataset": config.dataset, "protocol": source.protocol, "step": step,
             "checkpoint_dir": checkpoints.checkpoint_dir(workdir), "settings": results,
-            "num_params": count_params(state.params), "train_step_seconds": train_step_seconds}
+            "num_params": count_params(state.params), "train_step_seconds": train_step_seconds,
+            "eval_split": source.split, "model_selection_split": sources.model_selection_split(source, config),
+            "gallery_sampling": {s.name: s.family for s in evaluator.protocols.settings_for(source, config)}}
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
-    write_json(os.path.join(workdir, "results", f"{config.name}.json"), report)
+    results_dir = epath.Path(workdir) / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_json(str(results_dir / f"{config.name}{'' if source.split == 'test' else '_' + source.split}.json"), report)
   logging.info("Evaluation at step %d (%s):\n%s", step, source.name, evaluator.format_table(results))
   return report
 
@@ -215,12 +290,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The final evaluation report (also written to `<workdir>/results/<name>.json`).
   Raises:
     NonFiniteLossError: a loss term became NaN/inf (the message names the step and the term).
+    Preempted: a preemption notice (SIGTERM) arrived; the checkpoint of the current step is saved.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = checkpoints.absolute(workdir)
   ensure_writable_dir(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
   mesh = sharding.make_mesh(config.mesh)
   global_pk = config.input.num_ids_per_batch * config.input.num_instances
@@ -236,6 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   manager = checkpoints.make_manager(workdir, config.checkpoint)
   log = MetricsLog(workdir)
+  watch = PreemptionWatch()
   try:
     if manager.latest_step() is not None:
       state, start_step = checkpoints.restore(manager, run.abstract_state)
@@ -244,17 +320,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, start_step = run.init_state(), 0
     step_seconds = None
     if start_step < run.total_steps:
-      state, step_seconds = _train_loop(config, workdir, mesh, run, state, start_step, manager, log)
+      state, step_seconds = _train_loop(config, workdir, mesh, run, state, start_step, manager, log, watch)
     else:
       logging.info("The checkpoint is at the final step %d: nothing to train.", start_step)
     return _run_eval(run.model, state, source, config, mesh, workdir, run.total_steps, log, step_seconds)
   finally:
+    watch.close()
     manager.wait_until_finished()
     manager.close()
     log.close()
 
 
-def _train_loop(config, workdir, mesh, run: Run, state, start_step, manager, log) -> tuple[TrainState, Optional[float]]:
+def _train_loop(config, workdir, mesh, run: Run, state, start_step, manager, log,
+                watch: PreemptionWatch) -> tuple[TrainState, Optional[float]]:
   """Runs steps start_step..total_steps-1; returns the state and the median seconds per step after the
   first logging window (which holds the compilation), or None when there was no second window."""
   source, model, total_steps = run.source, run.model, run.total_steps
@@ -309,5 +387,12 @@ def _train_loop(config, workdir, mesh, run: Run, state, start_step, manager, log
       checkpoints.save(manager, done, state, force=True)
     if config.evals.every_steps and done % config.evals.every_steps == 0 and done != total_steps:
       with report.timed("eval"):
-        _run_eval(model, state, source, config, mesh, workdir, done, log)
+        _run_eval(model, state, sources.selection_source(source, config), config, mesh, workdir, done, log)
+    if watch.reached(done, manager) and done != total_steps:
+      if pending is not None:  # the state is saved only after its step's losses were checked finite.
+        fetch(pending)
+      if manager.latest_step() != done:
+        checkpoints.save(manager, done, state, force=True)
+      manager.wait_until_finished()
+      raise Preempted(done, f"{checkpoints.checkpoint_dir(workdir)}/{done}")
   return state, (float(np.median(window_times[1:])) if len(window_times) > 1 else None)
