@@ -31,6 +31,11 @@ flags.DEFINE_string("checkpoint", None, "--mode=eval|extract|visualize: a step n
                     "<workdir>/checkpoints/<step>; default: the latest step.")
 flags.DEFINE_bool("allow_untrained", False, "--mode=eval: with no checkpoint, evaluate the randomly initialised "
                   "model (reports marked UNTRAINED) instead of stopping with an error.")
+flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() (JAX detects TPU pods and SLURM; "
+                  "or give --coordinator_address, --num_processes, --process_id). Also on with FDNM_DISTRIBUTED=1.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (or FDNM_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (or FDNM_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index (or FDNM_PROCESS_ID).")
 flags.DEFINE_string("images", None, "--mode=extract: a folder of images (recursive) or a text list of paths.")
 flags.DEFINE_enum("modality", None, ["visible", "infrared"], "--mode=extract: which stem embeds the images.")
 flags.DEFINE_string("out", None, "--mode=extract: output folder for features.npy and index.tsv.")
@@ -66,6 +71,11 @@ def main(argv):
   if FLAGS.mode == "extract" and not (FLAGS.images and FLAGS.modality and FLAGS.out):
     raise app.UsageError("--mode=extract needs --images, --modality (visible|infrared) and --out")
   _quiet_library_info_logs()
+  from fdnm_jax import distributed  # pylint: disable=g-import-not-at-top
+  try:  # before anything touches the devices.
+    distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except ValueError as e:
+    raise app.UsageError(str(e))
   _hide_accelerators_from_tf()
   from fdnm_jax import train  # pylint: disable=g-import-not-at-top  (after TF is configured)
 
@@ -86,6 +96,9 @@ def main(argv):
     else:
       from fdnm_jax import visualize  # pylint: disable=g-import-not-at-top
       visualize.visualize(FLAGS.workdir, config, FLAGS.checkpoint, FLAGS.queries, FLAGS.compare_workdir)
+  except train.Preempted as e:  # the checkpoint is saved: exit 0 so the scheduler restarts and resumes.
+    logging.warning("%s", e)
+    sys.exit(0)
   except USER_ERRORS as e:
     logging.error("%s: %s", e.__class__.__name__, e)
     sys.exit(f"error: {e}")

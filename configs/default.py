@@ -118,4 +118,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # devices on the data axis; -1 = all devices not used by other axes.
   config.mesh.fsdp = 1  # devices on the fsdp (parameter-sharding) axis.
+  config.mesh.fsdp_min_size = 1 << 16  # kernels with at least this many elements are split over fsdp; smaller replicated.
   return config
