@@ -56,8 +56,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def _state_metadata(step_dir: str) -> dict:
   """The saved train state's tree of orbax ArrayMetadata (shape, dtype) under `<step_dir>/state`."""
-  with ocp.StandardCheckpointer() as reader:
-    meta = reader.metadata(os.path.join(step_dir, "state"))
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # orbax warns that the item folder has no step metadata: expected here.
+  try:
+    with ocp.StandardCheckpointer() as reader:
+      meta = reader.metadata(os.path.join(step_dir, "state"))
+  finally:
+    logging.set_verbosity(verbosity)
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
   if not isinstance(tree, dict) or "params" not in tree:

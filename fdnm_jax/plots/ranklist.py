@@ -68,7 +68,7 @@ def plot_rank_list(path: str, query_rows: Sequence[dict], k: int, title: str) ->
       colour = CORRECT if g["pid"] == q["pid"] else WRONG
       _show(ax, g["path"], colour, f"{c + 1}: id {g['pid']}\n{g['label']}\nd={g['distance']:.3f}")
   fig.suptitle(title + "  (green = same identity, red = other)", fontsize=9)
-  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.75 / (height / DPI), wspace=0.08, hspace=0.55)
+  fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.95 / (height / DPI), wspace=0.08, hspace=0.55)
   return save(fig, path)
 
 
