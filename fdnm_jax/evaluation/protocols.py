@@ -279,7 +279,9 @@ def _score(dist: np.ndarray, q: ImageSet, q_idx: np.ndarray, g: ImageSet, g_idx:
 
 def run_setting(source: DataSource, embeddings_by_set: Mapping[str, np.ndarray], setting: Setting,
                 max_rank: int = 20, query_chunk: int = 1024, rerank: Optional[Rerank] = None) -> dict[str, Any]:
-  """Scores every trial of one setting; see `run_protocols` for the result."""
+  """Scores every trial of one setting; see `run_protocols` for the result (face settings: `face.run_face_setting`)."""
+  if setting.protocol == "face":
+    return face.run_face_setting(source, embeddings_by_set, setting, max_rank, rerank)
   for name in (setting.query, setting.gallery):
     if name not in source.test_sets or name not in embeddings_by_set:
       raise KeyError(f"setting {setting.name!r} needs test set {name!r}: the data source has "
@@ -343,8 +345,7 @@ def run_protocols(source: DataSource, embeddings_by_set: Mapping[str, np.ndarray
   names = [s.name for s in settings]
   if len(set(names)) != len(names):
     raise ValueError(f"setting names must be unique: {names}")
-  return {s.name: (face.run_face_setting(source, embeddings_by_set, s, max_rank, rerank) if s.protocol == "face"
-                   else run_setting(source, embeddings_by_set, s, max_rank, query_chunk, rerank)) for s in settings}
+  return {s.name: run_setting(source, embeddings_by_set, s, max_rank, query_chunk, rerank) for s in settings}
 
 
 def _cell(result: Mapping[str, Any], metric: str) -> str:
