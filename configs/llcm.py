@@ -1,6 +1,14 @@
 """FDNM on LLCM with the paper recipe (FDNM_SPEC.md §3): 288x144, P=6 x K=4, 150 epochs.
 
   python main.py --config=configs/llcm.py --workdir=runs/llcm --config.data.root=/data/LLCM
+
+Or from a prepared TFDS folder (local or gs://; reading it back needs no builder code):
+
+  python -m input_pipeline.prepare --dataset=llcm --manual_dir=<the download> --data_dir=/data/tfds
+  python main.py --config=configs/llcm.py --workdir=runs/llcm --config.data.data_dir=/data/tfds/llcm/1.0.0
+
+Model selection: --config.data.num_val_ids=N holds out N training ids; the periodic evaluations
+(--config.evals.every_steps) then score them, not the test set (unless --config.evals.select_on_test=True).
 """
 
 from configs import default

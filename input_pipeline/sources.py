@@ -47,6 +47,7 @@ class DataSource:
   directions: tuple
   extras: dict = dataclasses.field(default_factory=dict)  # e.g. "rand_perm_cam": SYSU's official permutations.
   validation: Optional["DataSource"] = None  # held-out training ids (config.data.num_val_ids > 0), protocol regdb.
+  split: str = "test"  # what test_sets hold: "test" (the data set's test split) or "validation" (held-out ids).
 
 
 BOTH_DIRECTIONS = (EvalDirection("visible_to_infrared", "visible", "infrared"),
@@ -127,7 +128,7 @@ def hold_out_validation(source: DataSource, num_val_ids: int) -> DataSource:
   validation = DataSource(name=f"{source.name}_validation", protocol="regdb", train_visible=parts["visible"][0],
                           train_infrared=parts["infrared"][0],
                           test_sets={"visible": parts["visible"][1], "infrared": parts["infrared"][1]},
-                          directions=BOTH_DIRECTIONS)
+                          directions=BOTH_DIRECTIONS, split="validation")
   return dataclasses.replace(source, train_visible=parts["visible"][0], train_infrared=parts["infrared"][0],
                              validation=validation)
 
@@ -140,6 +141,21 @@ def _casia_source(config: ml_collections.ConfigDict) -> DataSource:
 
 def _llcm_source(root: str) -> DataSource:
   return _source("llcm", "llcm", llcm.read_llcm(root), "infrared", BOTH_DIRECTIONS)
+
+
+def model_selection_split(source: DataSource, config: ml_collections.ConfigDict) -> str:
+  """The split the periodic evaluations (config.evals.every_steps) score, on which a checkpoint would be selected:
+  "validation" when held-out ids exist (config.data.num_val_ids > 0) unless config.evals.select_on_test, else
+  "test" (the paper's practice: no validation split)."""
+  has_validation = source.validation is not None or source.split == "validation"
+  return "validation" if has_validation and not config.evals.get("select_on_test", False) else "test"
+
+
+def selection_source(source: DataSource, config: ml_collections.ConfigDict) -> DataSource:
+  """The DataSource the periodic evaluations score (see `model_selection_split`)."""
+  if model_selection_split(source, config) == "validation" and source.validation is not None:
+    return source.validation
+  return source
 
 
 def synthetic_root(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -6,7 +6,10 @@ permutations (a small rand_perm_cam.mat written with scipy) give the galleries w
 with the path named (or a counted skip); the prepared set feeds the same train / eval batches as the raw one.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -279,3 +282,37 @@ def test_prepared_sets_feed_the_same_batches_as_the_files(regdb_prepared, input_
 def test_read_prepared_names_a_folder_that_is_not_prepared(tmp_path):
   with pytest.raises(FileNotFoundError, match="dataset_info.json"):
     tfds_builders.read_prepared(str(tmp_path))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_OVERRIDES = ("--config.input.height=32", "--config.input.width=16", "--config.input.pad=2",
+                  "--config.input.num_ids_per_batch=2", "--config.input.num_instances=2",
+                  "--config.input.eval_batch_size=16", "--config.model.stage_sizes=(1,1,1,1)",
+                  "--config.model.width=8", "--config.schedule.num_epochs=2", "--config.schedule.steps_per_epoch=1",
+                  "--config.schedule.warmup_epochs=1", "--config.schedule.decay_epochs=(1,)",
+                  "--config.checkpoint.async_save=False", "--config.logging.every_steps=1")
+
+
+def test_main_trains_and_evaluates_on_a_prepared_regdb_fixture(regdb_prepared, tmp_path):
+  """python main.py --config=configs/regdb.py --config.data.data_dir=<fixture>: 2 steps, a validation eval at
+  step 1 on the held-out id, the final evaluation on the test split."""
+  _, folders = regdb_prepared
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  cmd = [sys.executable, os.path.join(REPO, "main.py"), f"--config={os.path.join(REPO, 'configs', 'regdb.py')}",
+         f"--workdir={workdir}", f"--config.data.data_dir={folders[0]}", "--config.data.num_val_ids=1",
+         "--config.evals.every_steps=1", *TINY_OVERRIDES]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(os.path.join(workdir, "results", "regdb.json")) as f:
+    final = json.load(f)
+  with open(os.path.join(workdir, "results", "regdb_validation.json")) as f:
+    periodic = json.load(f)
+  assert final["eval_split"] == "test" and final["model_selection_split"] == "validation"
+  assert periodic["eval_split"] == "validation" and periodic["step"] == 1
+  # Test split of the fixture: 3 ids x 2 images per modality; validation: the 1 held-out id x 2 images.
+  assert final["settings"]["visible_to_infrared"]["num_query"] == 6
+  assert periodic["settings"]["visible_to_infrared"]["num_query"] == 2
+  assert 0.0 <= final["settings"]["visible_to_infrared"]["mAP"] <= 100.0
+  assert final["gallery_sampling"]["visible_to_infrared"].startswith("none: the whole test sets of split 1")
