@@ -228,9 +228,13 @@ def fold_numbers(report: Mapping[str, Any], config: Optional[Any] = None) -> dic
     if "per_trial" in row:
       trials = row["per_trial"]
     else:
-      if config is None or row.get("trials") != 1:
-        raise ValueError(f"report {report.get('name')!r}, setting {name!r}: a training report's row does not say "
-                         "its fold; pass the run's config.json (one-fold runs only) or use the eval-mode report")
+      if row.get("trials") != 1:
+        raise ValueError(f"report {report.get('name')!r}, setting {name!r}: the run scored {row.get('trials')} folds "
+                         "and its training report keeps only their mean: use its eval-mode report "
+                         "(python main.py --mode=eval ..., results/eval_<name>_step<step>.json)")
+      if config is None:
+        raise ValueError(f"report {report.get('name')!r}, setting {name!r}: a training report does not say its "
+                         "fold: keep the run's config.json beside results/ (or use the eval-mode report)")
       evals, data = (config["evals"], config["data"]) if isinstance(config, Mapping) else (config.evals, config.data)
       face_folds = evals["face_folds"] if isinstance(evals, Mapping) else evals.face_folds
       fold = data["fold"] if isinstance(data, Mapping) else data.fold
@@ -296,7 +300,11 @@ def main(argv: Sequence[str]) -> int:
     if config is None and os.path.isfile(config_path):
       with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
-    numbers.append(fold_numbers(report, config))
+    try:
+      numbers.append(fold_numbers(report, config))
+    except ValueError as e:
+      print(f"{path}: {e}", file=sys.stderr)
+      return 1
   print(format_aggregate(aggregate_folds(numbers)))
   return 0
 

@@ -180,3 +180,5 @@ def test_fold_reports_aggregate_to_mean_and_std(tmp_path, capsys):
     face.aggregate_folds([face.fold_numbers(eval_report), face.fold_numbers(eval_report)])
   with pytest.raises(ValueError, match="config.json"):
     face.fold_numbers({"name": "x", "settings": {"nir_to_vis": dict(values[1], trials=1)}})
+  with pytest.raises(ValueError, match="eval-mode report"):
+    face.fold_numbers({"name": "x", "settings": {"nir_to_vis": dict(values[1], trials=2)}}, {"data": {"fold": 1}})
