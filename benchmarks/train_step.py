@@ -1,0 +1,260 @@
+"""Images/s of the jitted FDNM train step against the same model and step in PyTorch eager, in one run.
+
+JAX: `fdnm_jax.train.make_train_step` on `configs/default.py` (full FDNM: ResNet-50, AGP after layers 1-2, ANM after
+layer4, last stride 1, float32), jitted as `train._train_loop` does it (state and batch shardings of a one-device
+mesh, the state donated), each step fed from host NumPy through `sharding.host_to_global`. Torch:
+`benchmarks/torch_fdnm.py` (the same network, losses and SGD; `tests/test_torch_reference.py` checks they agree),
+eager, NCHW and channels_last. A batch of B images is B/2 visible + B/2 infrared, B/8 identities x 4 per modality
+(48 = 6 ids x (4+4)); 395 classes (SYSU-MM01). Random normal images.
+
+Every (size, batch, side) runs in its own subprocess (its own peak RSS), the sides one after the other for each
+setting, so JAX and torch see the same load; the load average is printed with each row (other jobs on the machine
+change the numbers). Each subprocess first measures its library's float32 matmul peak (best of several
+2048 x 2048 x 2048 matmuls); the table uses the larger of the two as the machine's peak.
+
+- images/s: B / median step time over `--steps` steps after one warm-up step (JAX: after compilation).
+- compile: JAX lower + compile of the step; torch: the first (warm-up) step.
+- model FLOPs per image: 3 x the forward convolution and matmul FLOPs (2 per multiply-add, counted from the
+  forward's jaxpr; the FFTs and elementwise math are not counted), the usual MFU convention.
+- MFU = model FLOPs/s / measured matmul peak.
+- AGP+ANM share: 1 - t(step without AGP and ANM) / t(step), the same model with agp_stages=() and anm_stage=0
+  (its head then has one branch instead of two nuance branches and no L_cnm, a small part of the step).
+
+  python benchmarks/train_step.py                      # 288x144 and 384x144, batch 16 and 48, 5 steps
+  python benchmarks/train_step.py --quick              # 288x144, batch 16, 2 steps
+  python benchmarks/train_step.py --sizes 288x144 --batches 16 --steps 3 --sides jax,torch_cl
+"""
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+NUM_CLASSES = 395
+K = 4  # images per identity per modality
+MATMUL_N = 2048
+SIDES = ("jax", "torch", "torch_cl")
+
+
+def _config(height: int, width: int, batch: int, frequency: bool):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.input.height, config.input.width = height, width
+  if batch % (2 * K):
+    raise ValueError(f"--batches {batch}: expected a multiple of {2 * K} (identities x {K} per modality x 2)")
+  config.input.num_ids_per_batch = batch // (2 * K)
+  config.input.num_instances = K
+  if not frequency:
+    config.model.agp_stages = ()
+    config.model.anm_stage = 0
+  return config
+
+
+def _host_batch(config) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  b = config.input.num_ids_per_batch * K
+  shape = (b, config.input.height, config.input.width, 3)
+  labels = np.repeat(np.arange(config.input.num_ids_per_batch), K).astype(np.int32)
+  return {"visible": rng.standard_normal(shape, np.float32), "infrared": rng.standard_normal(shape, np.float32),
+          "visible_labels": labels, "infrared_labels": labels}
+
+
+def _best_time(fn, reps: int) -> float:
+  best = float("inf")
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def _conv_dot_flops(jaxpr) -> float:
+  """2 x multiply-adds of every conv_general_dilated and dot_general in a (closed) jaxpr, sub-jaxprs included."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(rhs) / out_features
+    elif name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contract])
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          total += _conv_dot_flops(inner)
+  return total
+
+
+def _run_jax(config, steps: int) -> dict[str, Any]:
+  from fdnm_jax import platform  # pylint: disable=g-import-not-at-top
+  added = platform.configure_xla_flags()
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fdnm_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from fdnm_jax.models.fdnm import fdnm_from_config  # pylint: disable=g-import-not-at-top
+
+  a = jnp.asarray(np.random.default_rng(1).standard_normal((MATMUL_N, MATMUL_N), np.float32))
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  peak = 2.0 * MATMUL_N ** 3 / _best_time(lambda: matmul(a).block_until_ready(), 5)
+
+  mesh = sharding.make_mesh(config.mesh)
+  model = fdnm_from_config(config.model, NUM_CLASSES)
+  tx = optim.make_optimizer(config.optim, config.schedule, steps_per_epoch=100)
+  shape = (1, config.input.height, config.input.width, 3)
+  abstract = jax.eval_shape(lambda r: train.create_train_state(model, tx, r, shape), jax.random.key(0))
+  state_sharding = sharding.state_shardings(abstract, mesh)
+  state = jax.jit(lambda r: train.create_train_state(model, tx, r, shape), out_shardings=state_sharding)(
+      jax.random.key(0))
+  host = _host_batch(config)
+  step_fn = jax.jit(train.make_train_step(model, tx, config.loss), in_shardings=(state_sharding,
+                                                                                  sharding.batch_sharding(mesh)),
+                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, sharding.host_to_global(host, mesh)).compile()
+  compile_s = time.perf_counter() - start
+
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  forward = jax.make_jaxpr(lambda v, x, y: model.apply(v, x, y, train=True, mutable=["batch_stats"]))(
+      variables, host["visible"], host["infrared"])
+  flops_per_image = 3 * _conv_dot_flops(forward.jaxpr) / (2 * len(host["visible_labels"]))
+
+  times = []
+  for i in range(steps + 1):
+    start = time.perf_counter()
+    state, metrics = compiled(state, sharding.host_to_global(host, mesh))
+    loss = float(jax.device_get(metrics["total"]))
+    if i:
+      times.append(time.perf_counter() - start)
+  return {"times": times, "compile_s": compile_s, "peak_flops": peak, "flops_per_image": flops_per_image,
+          "loss": loss, "xla_flags": os.environ.get("XLA_FLAGS", ""), "added_flags": added}
+
+
+def _run_torch(config, steps: int, channels_last: bool) -> dict[str, Any]:
+  import torch  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_fdnm  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  a = torch.from_numpy(np.random.default_rng(1).standard_normal((MATMUL_N, MATMUL_N), np.float32))
+  a @ a
+  peak = 2.0 * MATMUL_N ** 3 / _best_time(lambda: a @ a, 5)
+
+  model = torch_fdnm.model_from_config(config.model, NUM_CLASSES)
+  fmt = torch.channels_last if channels_last else torch.contiguous_format
+  model = model.to(memory_format=fmt)
+  optimizer = torch_fdnm.make_optimizer(model, config.optim)
+  host = _host_batch(config)
+
+  def batch():
+    return {k: (torch.from_numpy(v.transpose(0, 3, 1, 2)).contiguous(memory_format=fmt) if v.ndim == 4
+                else torch.from_numpy(v).long()) for k, v in host.items()}
+
+  times = []
+  start = time.perf_counter()
+  torch_fdnm.train_step(model, optimizer, batch(), config.loss)
+  first_s = time.perf_counter() - start
+  for _ in range(steps):
+    start = time.perf_counter()
+    terms = torch_fdnm.train_step(model, optimizer, batch(), config.loss)
+    times.append(time.perf_counter() - start)
+  return {"times": times, "compile_s": first_s, "peak_flops": peak, "loss": terms["total"],
+          "threads": torch.get_num_threads()}
+
+
+def _child(args) -> None:
+  height, width = (int(v) for v in args.size.split("x"))
+  config = _config(height, width, args.batch, frequency=not args.no_frequency)
+  if args.side == "jax":
+    out = _run_jax(config, args.steps)
+  else:
+    out = _run_torch(config, args.steps, channels_last=args.side == "torch_cl")
+  out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(json.dumps(out))
+
+
+def _spawn(side: str, size: str, batch: int, steps: int, no_frequency: bool = False) -> dict[str, Any]:
+  cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--size", size, "--batch", str(batch),
+         "--steps", str(steps)] + (["--no-frequency"] if no_frequency else [])
+  load_before = os.getloadavg()[0]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode:
+    raise RuntimeError(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  out["load"] = (load_before, os.getloadavg()[0])
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", default="288x144,384x144", help="comma-separated HxW image sizes")
+  parser.add_argument("--batches", default="16,48", help="comma-separated global batch sizes (multiples of 8)")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per side (after one warm-up step)")
+  parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+  parser.add_argument("--no-share", action="store_true", help="skip the JAX run without AGP/ANM")
+  parser.add_argument("--quick", action="store_true", help="288x144, batch 16, 2 steps")
+  parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+  parser.add_argument("--size", help=argparse.SUPPRESS)
+  parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--no-frequency", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.side:
+    _child(args)
+    return
+  if args.quick:
+    args.sizes, args.batches, args.steps = "288x144", "16", 2
+  sides = [s for s in args.sides.split(",") if s]
+  bad = [s for s in sides if s not in SIDES]
+  if bad:
+    parser.error(f"--sides: unknown {bad}; expected a subset of {SIDES}")
+  print("command:", shlex.join([sys.executable] + sys.argv))
+  print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; cpus: {os.cpu_count()}; load average at start: "
+        f"{open('/proc/loadavg').read().split()[:3] if os.path.exists('/proc/loadavg') else os.getloadavg()}; "
+        f"XLA_FLAGS from the environment: {os.environ.get('XLA_FLAGS', '(unset)')!r}")
+  rows, notes = [], []
+  for size in args.sizes.split(","):
+    for batch in (int(b) for b in args.batches.split(",")):
+      results = {side: _spawn(side, size, batch, args.steps) for side in sides}
+      share = None
+      if "jax" in sides and not args.no_share:
+        results["jax_nofreq"] = _spawn("jax", size, batch, args.steps, no_frequency=True)
+        share = 1.0 - np.median(results["jax_nofreq"]["times"]) / np.median(results["jax"]["times"])
+      peak = max(r["peak_flops"] for r in results.values())
+      flops = results["jax"]["flops_per_image"] if "jax" in results else None
+      torch_best = max((batch / np.median(results[s]["times"]) for s in ("torch", "torch_cl") if s in results),
+                       default=None)
+      for side, r in results.items():
+        ips = batch / np.median(r["times"])
+        mfu = f"{100 * flops * ips / peak:.0f} %" if flops and side != "jax_nofreq" else "-"
+        ratio = f"{ips / torch_best:.2f}x" if torch_best and side == "jax" else "-"
+        rows.append(f"| {size} | {batch} | {side} | {ips:.2f} | {np.median(r['times']):.2f} s "
+                    f"({min(r['times']):.2f}-{max(r['times']):.2f}) | {r['compile_s']:.1f} s | "
+                    f"{r['peak_rss_mib']:.0f} MiB | {mfu} | {ratio} | "
+                    f"{(f'{100 * share:.0f} %' if share is not None and side == 'jax' else '-')} | "
+                    f"{r['loss']:.3f} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |")
+      notes.append(f"{size} batch {batch}: matmul peak JAX {results.get('jax', {}).get('peak_flops', 0) / 1e9:.0f} "
+                   f"GFLOP/s, torch {max([results[s]['peak_flops'] for s in ('torch', 'torch_cl') if s in results] or [0]) / 1e9:.0f} "
+                   f"GFLOP/s; model {flops / 1e9 if flops else float('nan'):.1f} GFLOP per training image; "
+                   f"JAX XLA_FLAGS {results.get('jax', {}).get('xla_flags', '')!r}")
+      print(f"done {size} batch {batch}", file=sys.stderr, flush=True)
+  print("| size | batch | side | images/s | step (min-max) | compile / first step | peak RSS | MFU | JAX / best torch "
+        "| AGP+ANM share | loss | load before / after |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("\n".join(rows))
+  print("\n".join(notes))
+  print(f"load average at end: {open('/proc/loadavg').read().split()[:3]}")
+
+
+if __name__ == "__main__":
+  main()
