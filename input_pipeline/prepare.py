@@ -3,6 +3,7 @@
   python -m input_pipeline.prepare --dataset=sysu_mm01 --manual_dir=/data/SYSU-MM01 --data_dir=/data/tfds
   python -m input_pipeline.prepare --dataset=regdb --manual_dir=/data/RegDB --data_dir=gs://bucket/tfds --splits=1,2
   python -m input_pipeline.prepare --dataset=llcm --manual_dir=/data/LLCM --data_dir=/data/tfds [--skip_corrupt]
+  python -m input_pipeline.prepare --dataset=casia_nir_vis --manual_dir=/data/NIR-VIS-2.0 --data_dir=/data/tfds --splits=1
 
 Steps: (1) validate the layout with the data set's reader (the first missing folder or file is named, with the
 expected tree); (2) count identities and images and compare them with the published counts (differences are
@@ -18,17 +19,21 @@ from typing import Optional, Sequence
 
 import tensorflow_datasets as tfds
 
-from input_pipeline.datasets import tfds_builders
+from input_pipeline.datasets import casia_builder, tfds_builders
+
+# --dataset -> builder class (every subclass of tfds_builders.ReIdBuilder that has a prepare entry).
+BUILDERS = {**tfds_builders.BUILDERS, "casia_nir_vis": casia_builder.CasiaNirVis}
 
 
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m input_pipeline.prepare", description=__doc__.split("\n")[0])
-  parser.add_argument("--dataset", required=True, choices=sorted(tfds_builders.BUILDERS),
+  parser.add_argument("--dataset", required=True, choices=sorted(BUILDERS),
                       help="the data set to prepare")
   parser.add_argument("--manual_dir", required=True, help="the folder of the data set as downloaded")
   parser.add_argument("--data_dir", required=True, help="where the TFDS folder is written (local path or gs://)")
   parser.add_argument("--splits", default="1,2,3,4,5,6,7,8,9,10",
-                      help="RegDB only: comma-separated splits to prepare (one builder config each)")
+                      help="RegDB (split_<t>) / CASIA NIR-VIS (fold_<t>): comma-separated numbers to prepare, one "
+                      "builder config each")
   parser.add_argument("--skip_corrupt", action="store_true",
                       help="leave out (and count) unreadable images instead of stopping")
   return parser.parse_args(argv)
@@ -44,8 +49,9 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, splits: Sequence[int] 
     tfds_builders.CorruptImageError: an unreadable image (named), without skip_corrupt.
   """
   out = out or sys.stdout
-  cls = tfds_builders.BUILDERS[dataset]
-  configs = [f"split_{int(t)}" for t in splits] if dataset == "regdb" else [None]
+  cls = BUILDERS[dataset]
+  prefix = cls.BUILDER_CONFIGS[0].name.rsplit("_", 1)[0] if cls.BUILDER_CONFIGS else None
+  configs = [f"{prefix}_{int(t)}" for t in splits] if prefix else [None]
   folders = []
   for config in configs:
     builder = cls(data_dir=data_dir, config=config, skip_corrupt=skip_corrupt)
@@ -54,10 +60,10 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, splits: Sequence[int] 
     counts = output.metadata.get("counts", {})
     print(f"{what}: layout of {manual_dir} OK; counts: "
           + ", ".join(f"{k}={v:,}" for k, v in sorted(counts.items())), file=out)
-    differences = output.metadata.get("published_differences", [])
-    for line in differences:
+    differences = output.metadata.get("published_differences")
+    for line in differences or ():
       print(f"  differs from the published count: {line}", file=out)
-    if not differences:
+    if differences == []:
       print("  all counts match the published ones.", file=out)
     if dataset == "sysu_mm01":
       print("  official gallery permutations exp/rand_perm_cam.mat: "
