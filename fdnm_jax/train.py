@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 from etils import epath
 
 from fdnm_jax import checkpoints, distributed, losses, optim, pretrained, sharding
@@ -225,8 +226,17 @@ class Run:
 
 
 def build_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> Run:
-  """Reads the data source and builds the model, the optimizer and the sharded state constructors."""
-  source = sources.load_source(config, workdir)
+  """Reads the data source and builds the model, the optimizer and the sharded state constructors.
+
+  Multi-host: process 0 reads (and, for the synthetic set, generates) the source first; the other hosts
+  read it after a barrier, so a generated set is written once.
+  """
+  if jax.process_count() > 1 and jax.process_index() == 0:
+    source = sources.load_source(config, workdir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("fdnm_jax.train.build_run: source ready")
+  if jax.process_count() == 1 or jax.process_index() != 0:
+    source = sources.load_source(config, workdir)
   num_classes = pipeline.num_classes(source.train_visible, source.train_infrared)
   steps_per_epoch = _steps_per_epoch(config, source)
   model = fdnm_from_config(config.model, num_classes)
@@ -293,8 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Preempted: a preemption notice (SIGTERM) arrived; the checkpoint of the current step is saved.
   """
   workdir = checkpoints.absolute(workdir)
-  ensure_writable_dir(workdir)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # the other hosts write only their checkpoint shards (orbax makes the folders).
+    ensure_writable_dir(workdir)
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
   mesh = sharding.make_mesh(config.mesh)
