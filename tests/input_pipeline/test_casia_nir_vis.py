@@ -194,6 +194,16 @@ def test_builder_stores_the_reader_sets_and_reads_back(casia_root, tmp_path):
   assert builder.info.splits["probe"].num_examples == len(list_spec(1)["nir_probe_1.txt"])
   with pytest.raises(ValueError, match="--config.data.fold=1"):
     casia_builder.read_prepared_fold(builder.data_dir, 2)
+  # The registry reads the prepared fold instead of the download when config.data.data_dir is set.
+  config = _config("")
+  config.data.data_dir = builder.data_dir
+  source = sources.load_source(config, "/unused")
+  assert sorted(source.test_sets) == ["gallery_1", "probe_1"] and source.protocol == "face"
+  assert source.test_sets["probe_1"].labels.tolist() == raw["probe"].labels.tolist()
+  assert source.train_infrared.encoded == back["train_infrared"].encoded
+  config.evals.face_folds = (1, 2)
+  with pytest.raises(ValueError, match="holds one fold"):
+    sources.load_source(config, "/unused")
 
 
 def _config(root, **evals):
