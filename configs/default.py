@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.modality_folder_suffix = ""  # CASIA NIR-VIS 2.0: added to the listed VIS/NIR folder names ("_128x128").
   config.data.skip_missing_images = False  # CASIA NIR-VIS 2.0: skip (and count) listed images that are not on disk.
   config.data.data_dir = ""  # prepared TFDS folder (python -m input_pipeline.prepare; local or gs://); wins over root.
-  config.data.num_val_ids = 0  # training ids held out as a validation split (0 = the paper's full training set).
+  config.data.num_val_ids = 0  # the N largest training ids held out for validation (0 = the paper's training set).
 
   config.synthetic = ml_collections.ConfigDict()
   config.synthetic.num_train_ids = 48  # identities in the synthetic train split.
