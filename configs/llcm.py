@@ -2,10 +2,11 @@
 
   python main.py --config=configs/llcm.py --workdir=runs/llcm --config.data.root=/data/LLCM
 
-Or from a prepared TFDS folder (local or gs://; reading it back needs no builder code):
+Or from a prepared TFDS folder (local or gs://; prepare's --data_dir or the version folder it prints;
+reading it back needs no builder code):
 
   python -m input_pipeline.prepare --dataset=llcm --manual_dir=<the download> --data_dir=/data/tfds
-  python main.py --config=configs/llcm.py --workdir=runs/llcm --config.data.data_dir=/data/tfds/llcm/1.0.0
+  python main.py --config=configs/llcm.py --workdir=runs/llcm --config.data.data_dir=/data/tfds
 
 Model selection: --config.data.num_val_ids=N holds out N training ids; the periodic evaluations
 (--config.evals.every_steps) then score them, not the test set (unless --config.evals.select_on_test=True).

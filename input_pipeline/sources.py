@@ -10,7 +10,8 @@ and the evaluation directions (query set, gallery set) with the protocol that sc
   - casia_nir_vis: protocol "face"; trains on fold config.data.fold; test sets "probe_<k>" (NIR) and "gallery_<k>"
     (VIS) per scored fold k (config.evals.face_folds, () = the trained fold); one direction, nir_to_vis.
 sysu, llcm and regdb read config.data.root (the data set as downloaded, FDNM_SPEC.md §5); synthetic generates its set.
-config.data.data_dir (a folder made by `python -m input_pipeline.prepare`, local or gs://) wins over root: the same
+config.data.data_dir (prepare's --data_dir or the version folder `python -m input_pipeline.prepare` printed, local
+or gs://) wins over root: the same
 ImageSets (labels, cameras, modality, paths relative to the download), decoded from the stored bytes.
 config.data.num_val_ids > 0 holds out the last N training identities as `DataSource.validation`.
 """
@@ -90,7 +91,12 @@ PREPARED = {
 
 def _prepared_source(config: ml_collections.ConfigDict) -> DataSource:
   """The DataSource of the prepared folder config.data.data_dir (see the module docstring)."""
-  prepared = tfds_builders.read_prepared(config.data.data_dir)
+  data_dir = config.data.data_dir
+  builder = {entry[0]: key for key, entry in PREPARED.items()}.get(config.dataset)
+  if builder is not None:  # data_dir may also be prepare's --data_dir: find the data set's folder in it.
+    data_dir = tfds_builders.find_prepared(data_dir, builder,
+                                           f"split_{int(config.data.trial)}" if builder == "regdb" else None)
+  prepared = tfds_builders.read_prepared(data_dir)
   if prepared.name not in PREPARED:
     raise ValueError(f"config.data.data_dir={config.data.data_dir} holds data set {prepared.name!r}, which has no "
                      f"registry entry: use one of {sorted(PREPARED)}.")

@@ -227,6 +227,34 @@ class PreparedSet:
     return self.splits[split].get(modality, ImageSet((), np.zeros(0), np.zeros(0), modality, encoded=()))
 
 
+def find_prepared(data_dir: str, name: str, config: Optional[str] = None) -> str:
+  """The prepared version folder for builder `name` (and builder config `config`) under `data_dir`.
+
+  `data_dir` may be the version folder itself (it holds dataset_info.json) or the --data_dir given to
+  `python -m input_pipeline.prepare` (then <data_dir>/<name>[/<config>]/<highest version>/ is used).
+  Raises:
+    FileNotFoundError: neither is there (names both paths and the command that makes them).
+  """
+  data_dir = os.fspath(data_dir)
+  if tf.io.gfile.exists(os.path.join(data_dir, "dataset_info.json")):
+    return data_dir
+  base = os.path.join(data_dir, name, *([config] if config else []))
+  versions = []
+  if tf.io.gfile.isdir(base):
+    for entry in tf.io.gfile.listdir(base):
+      entry = entry.rstrip("/")
+      parts = entry.split(".")
+      if (len(parts) == 3 and all(p.isdigit() for p in parts)
+          and tf.io.gfile.exists(os.path.join(base, entry, "dataset_info.json"))):
+        versions.append((tuple(int(p) for p in parts), entry))
+  if not versions:
+    raise FileNotFoundError(
+        f"No prepared {name}{' ' + config if config else ''} set in {data_dir}: neither {data_dir}/dataset_info.json "
+        f"nor {base}/<version>/dataset_info.json exists. Make it with python -m input_pipeline.prepare "
+        f"--dataset={name} --manual_dir=<the download> --data_dir={data_dir}.")
+  return os.path.join(base, max(versions)[1])
+
+
 def read_prepared(data_dir: str) -> PreparedSet:
   """Reads a prepared folder (local or gs://) with `tfds.builder_from_directory` (no builder code needed).
 

@@ -157,6 +157,13 @@ def test_regdb_prepared_splits_honour_the_split_files(regdb_prepared):
       assert image_set.paths == tuple(r[0] for r in rows)
       assert image_set.labels.tolist() == [int(r[1]) for r in rows]
       _assert_same_sets(image_set, raw[key], root)
+  # prepare's --data_dir also works: the split of config.data.trial is found in it.
+  top = os.path.dirname(os.path.dirname(os.path.dirname(folders[1])))
+  by_top = sources.load_source(_config("regdb", data_dir=top, trial=2), "")
+  assert by_top.train_visible.paths == sources.load_source(_config("regdb", data_dir=folders[1], trial=2),
+                                                           "").train_visible.paths
+  with pytest.raises(FileNotFoundError, match="split_3"):
+    sources.load_source(_config("regdb", data_dir=top, trial=3), "")
   with pytest.raises(ValueError, match="split 1 but config.data.trial is 2"):
     sources.load_source(_config("regdb", data_dir=folders[0], trial=2), "")
   with pytest.raises(ValueError, match="config.dataset is 'llcm'"):
