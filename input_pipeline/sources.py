@@ -11,8 +11,8 @@ and the evaluation directions (query set, gallery set) with the protocol that sc
     (VIS) per scored fold k (config.evals.face_folds, () = the trained fold); one direction, nir_to_vis.
 sysu, llcm and regdb read config.data.root (the data set as downloaded, FDNM_SPEC.md §5); synthetic generates its set.
 config.data.data_dir (prepare's --data_dir or the version folder `python -m input_pipeline.prepare` printed, local
-or gs://) wins over root: the same
-ImageSets (labels, cameras, modality, paths relative to the download), decoded from the stored bytes.
+or gs://) wins over root: the same ImageSets (labels, cameras, modality, paths relative to the download), decoded
+from the stored bytes.
 config.data.num_val_ids > 0 holds out the last N training identities as `DataSource.validation`.
 """
 
