@@ -20,7 +20,7 @@ embeddings (higher = more alike). From that score matrix:
   - Over folds: mean and NumPy's population std (ddof=0, as the ReID protocols here) of each fold's numbers.
 
 All numbers are reported in percent. The protocol's data come from a `DataSource` whose test sets are named
-`<query>_<fold>` / `<gallery>_<fold>` (e.g. "probe_3", "gallery_3"; `input_pipeline.datasets.casia_nir_vis`);
+`<query>_<fold>` / `<gallery>_<fold>` (e.g. "probe_3", "gallery_3"; `input_pipeline.datasets.casia_builder`);
 a face `Setting` (protocol "face", `fdnm_jax.evaluation.protocols.settings_for`) lists the folds as its trials.
 
 The standard protocol trains one model per fold (fold k's training subjects are disjoint from its test subjects,
@@ -37,6 +37,7 @@ import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from absl import logging
 
 FARS = (0.01, 0.001)  # the false accept rates of the reported verification rates (1 %, 0.1 %).
 METRICS = ("rank1", "vr_far_1", "vr_far_0_1")  # report keys, percent.
@@ -189,9 +190,11 @@ def run_face_setting(source: Any, embeddings_by_set: Mapping[str, np.ndarray], s
                        f"{sorted(source.test_sets)}, the embeddings {sorted(embeddings_by_set)}")
     q, g = source.test_sets[names[0]], source.test_sets[names[1]]
     row = score_fold(embeddings_by_set[names[0]], q.labels, embeddings_by_set[names[1]], g.labels, max_rank)
-    test_ids = set(q.labels.tolist()) | set(g.labels.tolist())
-    per_fold.append({"trial": int(fold), "fold": int(fold), **row,
-                     "train_overlap_subjects": len(test_ids & train_ids)})
+    overlap = len((set(q.labels.tolist()) | set(g.labels.tolist())) & train_ids)
+    if overlap:
+      logging.warning("face protocol, fold %d: %d of its test subjects are training subjects of this model (it was "
+                      "trained on another fold); its numbers are not a held-out result", fold, overlap)
+    per_fold.append({"trial": int(fold), "fold": int(fold), **row, "train_overlap_subjects": overlap})
   stats = {k: mean_std([f[k] for f in per_fold]) for k in METRICS}
   return {
       "query": setting.query, "gallery": setting.gallery, "protocol": "face", "shot": setting.shot,
