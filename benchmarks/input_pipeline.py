@@ -15,6 +15,7 @@ machine the numbers move with it.
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -75,6 +76,7 @@ def main() -> None:
     rate = _time(source.train_visible, source.train_infrared, c, args.warmup, args.batches)
     print(f"{mode:9s}: {rate:8.1f} images/s  ({rate / (2 * args.ids * args.instances):.2f} batches/s)")
   print(f"load average after: {os.getloadavg()}")
+  shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
