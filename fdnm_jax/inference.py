@@ -44,14 +44,25 @@ def _tuples(obj: Any) -> Any:
   return obj
 
 
+def _merged(defaults: dict, saved: dict) -> dict:
+  """`saved` over `defaults`, section by section: fields a newer fdnm-jax added keep their defaults."""
+  out = dict(defaults)
+  for k, v in saved.items():
+    out[k] = _merged(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+  return out
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (`<workdir>/config.json`, written at the start of training)."""
+  """The config a workdir was trained with (`<workdir>/config.json`, written at the start of training), over
+  `configs/default.py` so that a run written by an older version gets defaults for the fields it lacks."""
+  from configs import default  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.abspath(workdir), "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's folder (training writes "
                             "config.json there), or pass --config with the run's config.")
   with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+    saved = _tuples(json.load(f))
+  return ml_collections.ConfigDict(_merged(default.get_config().to_dict(), saved))
 
 
 def _state_metadata(step_dir: str) -> dict:

@@ -128,3 +128,11 @@ def test_write_and_read_index_with_labels(tmp_path):
   assert rows[2] == {"row": 2, "path": "/y/c.png", "modality": "visible", "label": 7, "camera": 1}
   with pytest.raises(ValueError, match="3 feature rows for 2 paths"):
     inference.write_features(str(tmp_path), feats, ["/a", "/b"], "visible")
+
+
+def test_load_config_fills_fields_an_older_run_lacks(tmp_path):
+  (tmp_path / "config.json").write_text('{"name": "old", "model": {"width": 3, "agp_stages": [2]}}')
+  config = inference.load_config(str(tmp_path))
+  assert config.name == "old" and config.model.width == 3 and config.model.agp_stages == (2,)
+  assert config.model.stage_sizes == (3, 4, 6, 3)  # configs/default.py's ResNet-50, kept where the file is silent.
+  assert config.visualize.top_k == 10 and config.evals.test_flip is False
