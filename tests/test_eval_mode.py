@@ -150,4 +150,6 @@ def test_main_eval_without_checkpoint_fails_in_one_line_and_eval_flags_need_eval
   assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert "error: no checkpoint to evaluate under" in proc.stderr and "--allow_untrained" in proc.stderr
   proc = _main("--mode=train", f"--workdir={tmp_path / 'w'}", "--checkpoint=2")
-  assert proc.returncode != 0 and "apply to --mode=eval only" in proc.stderr
+  assert proc.returncode != 0 and "--checkpoint applies to --mode=eval, extract and visualize only" in proc.stderr
+  proc = _main("--mode=extract", f"--workdir={tmp_path / 'w'}", "--allow_untrained")
+  assert proc.returncode != 0 and "--allow_untrained applies to --mode=eval only" in proc.stderr
