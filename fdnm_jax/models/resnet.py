@@ -48,7 +48,37 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 EXPANSION = 4
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str) -> nn.Conv:
+class Conv1x1(nn.Module):
+  """A bias-free 1x1 convolution written as a matmul over the channel axis of NHWC maps.
+
+  Same parameter as `nn.Conv(features, (1, 1))` (`kernel` [1, 1, Cin, features], same init and RNG stream), same
+  result up to float rounding; a stride s keeps every s-th row and column (no padding). On the CPU backend XLA
+  lowers a dot and its gradients (dX = dY W^T, dW = X^T dY) to GEMMs with no layout change, where the
+  convolution's weight gradient needs the activations transposed (docs/benchmarks.md).
+
+  Attributes:
+    features: output channels.
+    stride: spatial stride.
+    dtype: compute dtype; the kernel is float32.
+  """
+
+  features: int
+  stride: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Maps [B, H, W, Cin] to [B, ceil(H/stride), ceil(W/stride), features] in `dtype`."""
+    kernel = self.param("kernel", conv_kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+    if self.stride != 1:
+      x = x[:, ::self.stride, ::self.stride, :]
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str) -> nn.Module:
+  if kernel == 1:
+    return Conv1x1(features, stride=stride, dtype=dtype, name=name)
   pad = (kernel - 1) // 2
   return nn.Conv(
       features,
