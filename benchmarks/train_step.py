@@ -98,9 +98,9 @@ def _conv_dot_flops(jaxpr) -> float:
   return total
 
 
-def _run_jax(config, steps: int) -> dict[str, Any]:
+def _run_jax(config, steps: int, cpu_flags: bool = True) -> dict[str, Any]:
   from fdnm_jax import platform  # pylint: disable=g-import-not-at-top
-  added = platform.configure_xla_flags()
+  added = platform.configure_xla_flags() if cpu_flags else []
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from fdnm_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
@@ -177,16 +177,18 @@ def _child(args) -> None:
   height, width = (int(v) for v in args.size.split("x"))
   config = _config(height, width, args.batch, frequency=not args.no_frequency)
   if args.side == "jax":
-    out = _run_jax(config, args.steps)
+    out = _run_jax(config, args.steps, cpu_flags=not args.no_cpu_flags)
   else:
     out = _run_torch(config, args.steps, channels_last=args.side == "torch_cl")
   out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(json.dumps(out))
 
 
-def _spawn(side: str, size: str, batch: int, steps: int, no_frequency: bool = False) -> dict[str, Any]:
+def _spawn(side: str, size: str, batch: int, steps: int, no_frequency: bool = False,
+           no_cpu_flags: bool = False) -> dict[str, Any]:
   cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--size", size, "--batch", str(batch),
-         "--steps", str(steps)] + (["--no-frequency"] if no_frequency else [])
+         "--steps", str(steps)] + (["--no-frequency"] if no_frequency else []) + (
+             ["--no-cpu-flags"] if no_cpu_flags else [])
   load_before = os.getloadavg()[0]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode:
@@ -204,6 +206,8 @@ def main() -> None:
   parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
   parser.add_argument("--no-share", action="store_true", help="skip the JAX run without AGP/ANM")
   parser.add_argument("--quick", action="store_true", help="288x144, batch 16, 2 steps")
+  parser.add_argument("--no-cpu-flags", action="store_true",
+                      help="JAX without fdnm_jax.platform.configure_xla_flags (XLA's default CPU flags)")
   parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
   parser.add_argument("--size", help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -225,10 +229,11 @@ def main() -> None:
   rows, notes = [], []
   for size in args.sizes.split(","):
     for batch in (int(b) for b in args.batches.split(",")):
-      results = {side: _spawn(side, size, batch, args.steps) for side in sides}
+      results = {side: _spawn(side, size, batch, args.steps, no_cpu_flags=args.no_cpu_flags) for side in sides}
       share = None
       if "jax" in sides and not args.no_share:
-        results["jax_nofreq"] = _spawn("jax", size, batch, args.steps, no_frequency=True)
+        results["jax_nofreq"] = _spawn("jax", size, batch, args.steps, no_frequency=True,
+                                       no_cpu_flags=args.no_cpu_flags)
         share = 1.0 - np.median(results["jax_nofreq"]["times"]) / np.median(results["jax"]["times"])
       peak = max(r["peak_flops"] for r in results.values())
       flops = results["jax"]["flops_per_image"] if "jax" in results else None

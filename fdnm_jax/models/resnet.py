@@ -104,6 +104,26 @@ def _batch_norm(train: bool, momentum: float, dtype: Dtype, name: str) -> nn.Bat
   )
 
 
+def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
+  """`nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))` as the maximum of 9 strided slices.
+
+  Same values ([B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C], -inf padding). The gradient goes through elementwise
+  selects (at a tie it is split between the tied inputs, where reduce_window gives it to one of them; after ReLU
+  only zeros tie, whose gradient ReLU drops) instead of select-and-scatter, which the CPU backend lowers to an
+  iota + scatter over the whole padded map.
+  """
+  batch, height, width, channels = x.shape
+  out_h, out_w = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  out = None
+  for dy in range(3):
+    for dx in range(3):
+      window = jax.lax.slice(padded, (0, dy, dx, 0), (batch, dy + 2 * out_h - 1, dx + 2 * out_w - 1, channels),
+                             (1, 2, 2, 1))
+      out = window if out is None else jnp.maximum(out, window)
+  return out
+
+
 class Stem(nn.Module):
   """Modality-specific stem: conv1 7x7/2 -> bn1 -> ReLU -> max-pool 3x3/2 (pad 1).
 
@@ -123,7 +143,7 @@ class Stem(nn.Module):
     x = _conv(self.width, 7, 2, self.dtype, "conv1")(x)
     x = _batch_norm(train, self.bn_momentum, self.dtype, "bn1")(x)
     x = nn.relu(x)
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return max_pool_3x3_stride2(x)
 
 
 class Bottleneck(nn.Module):

@@ -195,3 +195,14 @@ def test_one_modality_only():
   assert "infrared_stem" not in variables["params"]
   maps = jax.eval_shape(lambda var, v: model.apply(var, v, None), variables, image)
   assert maps["layer4"].shape[0] == 3
+
+
+def test_stem_max_pool_matches_reduce_window_values_and_gradients():
+  """The slice-maximum pool equals lax.reduce_window's 3x3/2 max-pool (pad 1), gradients included (no ties)."""
+  for shape in [(2, 9, 7, 3), (2, 8, 6, 3)]:
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32))
+    pool = lambda v: jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                           ((0, 0), (1, 1), (1, 1), (0, 0)))
+    np.testing.assert_array_equal(np.asarray(resnet.max_pool_3x3_stride2(x)), np.asarray(pool(x)))
+    grad = lambda f: jax.grad(lambda v: jnp.sum(jnp.sin(f(v)) * jnp.arange(f(v).size).reshape(f(v).shape)))(x)
+    np.testing.assert_allclose(np.asarray(grad(resnet.max_pool_3x3_stride2)), np.asarray(grad(pool)), atol=1e-6)
