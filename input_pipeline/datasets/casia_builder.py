@@ -80,7 +80,8 @@ def read_prepared_fold(data_dir: str, fold: int) -> dict[str, ImageSet]:
   if stored is None or int(stored) != int(fold):
     raise ValueError(f"config.data.data_dir={data_dir} is CASIA NIR-VIS 2.0 fold {stored} but config.data.fold is "
                      f"{fold}: pass --config.data.fold={stored} or the fold_{fold} folder.")
-  return {"train_visible": prepared.image_set("train", VISIBLE), "train_infrared": prepared.image_set("train", INFRARED),
+  return {"train_visible": prepared.image_set("train", VISIBLE),
+          "train_infrared": prepared.image_set("train", INFRARED),
           "gallery": prepared.image_set("gallery", VISIBLE), "probe": prepared.image_set("probe", INFRARED)}
 
 
