@@ -47,6 +47,12 @@ def embed_image_set(embed_fn: Callable, variables: Any, image_set: Any, input_co
                     mesh: jax.sharding.Mesh, flip: bool = False) -> np.ndarray:
   """Embeddings of every image of `image_set`, in file order.
 
+  Multi-host: the global batch size is `config.input.eval_batch_size` rounded up to a multiple of the mesh's
+  batch shards (a multiple of the process count); every host runs ceil(N / batch) steps on its share, the
+  last batch padded with zero images (mask False). Each image's file index travels with it, so the result
+  does not depend on where the mesh places each host's rows; the embeddings, indices and masks are gathered
+  to every host (`process_allgather`) and the padding dropped.
+
   Returns:
     float32 [len(image_set), E]; with `flip`, the sum of the embeddings of each image and its mirror.
   """
