@@ -191,7 +191,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   ckpt_workdir, step = resolve_checkpoint(workdir, checkpoint)
   if step is None and not allow_untrained:
     raise _no_checkpoint_error(workdir, checkpoint)
-  train.ensure_writable_dir(workdir)
+  if jax.process_index() == 0:  # only process 0 writes the reports.
+    train.ensure_writable_dir(workdir)
   mesh = sharding.make_mesh(config.mesh)
   run = train.build_run(config, workdir, mesh)
   untrained = step is None
