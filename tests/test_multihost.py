@@ -7,6 +7,7 @@ records go to a file outside the workdir.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from fdnm_jax import distributed
 from tests.test_sharding import NON_CHAOTIC
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,3 +121,33 @@ def test_two_processes_train_and_evaluate_like_one_with_four_devices(tmp_path):
   assert not [p for p in written[1] if p.startswith(work) and not p.startswith(os.path.join(work, "checkpoints"))], \
       written[1]
   assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
+
+
+# --- when to initialise (no devices touched) ---
+
+def test_no_flag_and_no_env_means_single_process():
+  assert distributed.spec_from_env({}) is None
+
+
+def test_flag_or_env_alone_leaves_the_cluster_to_jax_auto_detection():
+  auto = distributed.DistributedSpec()
+  assert distributed.spec_from_env({}, enabled=True) == auto
+  assert distributed.spec_from_env({"FDNM_DISTRIBUTED": "1"}) == auto
+
+
+def test_explicit_spec_from_env_and_flags_override_env():
+  env = {"FDNM_COORDINATOR_ADDRESS": "10.0.0.2:8476", "FDNM_NUM_PROCESSES": "4", "FDNM_PROCESS_ID": "3",
+         "FDNM_LOCAL_DEVICE_IDS": "0,1", "FDNM_CPU_COLLECTIVES": "gloo"}
+  assert distributed.spec_from_env(env) == distributed.DistributedSpec("10.0.0.2:8476", 4, 3, (0, 1), "gloo")
+  assert distributed.spec_from_env(env, process_id=1).process_id == 1
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"FDNM_COORDINATOR_ADDRESS": "h:1"}, "num_processes=None"),
+    ({"FDNM_NUM_PROCESSES": "2", "FDNM_PROCESS_ID": "0"}, "address=None"),
+    ({"FDNM_COORDINATOR_ADDRESS": "h:1", "FDNM_NUM_PROCESSES": "2", "FDNM_PROCESS_ID": "2"}, "not in 0..1"),
+    ({"FDNM_NUM_PROCESSES": "two"}, "FDNM_NUM_PROCESSES='two'"),
+])
+def test_bad_multihost_settings_are_clear_errors(env, words):
+  with pytest.raises(ValueError, match=re.escape(words)):
+    distributed.spec_from_env(env)
