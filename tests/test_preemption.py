@@ -1,0 +1,72 @@
+"""SIGTERM mid-run: the run saves a checkpoint at the current step, exits 0, and a restart finishes with the
+metrics of an uninterrupted run."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fdnm_jax import train
+from tests.configs import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "tests", "configs", "tiny.py")
+
+
+def final_metrics(workdir):
+  with open(os.path.join(workdir, "results", "tiny.json")) as f:
+    report = json.load(f)
+  return {(d, k): v for d, r in report["settings"].items() for k, v in r.items() if not isinstance(v, list)}
+
+
+def train_steps(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r["step"] for r in map(json.loads, f) if "train/total" in r]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_exits_0_and_the_restart_matches_an_uninterrupted_run(tmp_path):
+  reference = str(tmp_path / "reference")
+  train.train_and_evaluate(tiny.get_config(), reference)
+
+  workdir = str(tmp_path / "preempted")
+  env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  # No periodic checkpoints (only the final one and the preemption's); an evaluation after step 2 holds the
+  # run for seconds, so the signal sent once step 2 is logged lands before the last step.
+  cmd = [sys.executable, "main.py", f"--config={TINY}", f"--workdir={workdir}", "--config.checkpoint.every_steps=0",
+         "--config.evals.every_steps=2"]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 600
+  while proc.poll() is None and time.time() < deadline:
+    if os.path.exists(metrics) and 2 in train_steps(workdir):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-4000:]
+  match = re.search(r"Preempted: saved the checkpoint at step (\d+) to (\S+);", err)
+  assert match, err[-4000:]
+  step = int(match.group(1))
+  assert 2 <= step < 4, "the signal did not land mid-run"
+  assert match.group(2) == os.path.join(workdir, "checkpoints", str(step))
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]  # only the preemption saved.
+  assert train_steps(workdir) == list(range(1, step + 1))
+  with open(os.path.join(workdir, "results", "tiny.json")) as f:  # the step-2 evaluation's; no final one.
+    assert json.load(f)["step"] == 2
+
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert f"Resumed from the checkpoint at step {step}" in proc.stderr
+  assert train_steps(workdir) == [1, 2, 3, 4]
+  got, want = final_metrics(workdir), final_metrics(reference)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=str(k))
