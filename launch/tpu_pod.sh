@@ -37,7 +37,9 @@ case "${cmd}" in
       --version="${RUNTIME}"
     gcloud compute tpus tpu-vm scp --zone="${ZONE}" --worker=all --recurse "$(dirname "$0")/.." \
       "${TPU_NAME}:fdnm-jax"
-    ssh_all "cd ${REPO_DIR} && python3 -m pip install -q -r requirements.txt 'jax[tpu]'"
+    # The pinned jax of requirements.txt, with its TPU runtime (libtpu).
+    jax_version="$(grep -E '^jax==' "$(dirname "$0")/../requirements.txt" | cut -d= -f3)"
+    ssh_all "cd ${REPO_DIR} && python3 -m pip install -q -r requirements.txt 'jax[tpu]==${jax_version}'"
     ;;
   train)
     [[ "${WORKDIR}" == gs://* ]] || { echo "WORKDIR must be on GCS (gs://...), shared by all hosts" >&2; exit 2; }
