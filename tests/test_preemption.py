@@ -70,3 +70,15 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_restart_matches_an_unint
   assert got.keys() == want.keys()
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=str(k))
+
+
+def test_watch_turns_sigterm_into_a_flag_and_restores_the_previous_handler():
+  previous = signal.getsignal(signal.SIGTERM)
+  watch = train.PreemptionWatch()
+  try:
+    assert not watch.reached(1, manager=None)
+    os.kill(os.getpid(), signal.SIGTERM)  # the process survives: the handler only sets the flag.
+    assert watch.reached(2, manager=None)
+  finally:
+    watch.close()
+  assert signal.getsignal(signal.SIGTERM) == previous
