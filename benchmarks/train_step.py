@@ -12,12 +12,14 @@ setting, so JAX and torch see the same load; the load average is printed with ea
 change the numbers). Each subprocess first measures its library's float32 matmul peak (best of several
 2048 x 2048 x 2048 matmuls); the table uses the larger of the two as the machine's peak.
 
-- images/s: B / median step time over `--steps` steps after one warm-up step (JAX: after compilation).
+- images/s: B / the fastest of `--steps` steps after one warm-up step (JAX: after compilation), and B / the
+  median step; on a machine shared with other jobs the fastest step is the least disturbed one. CPU s per step:
+  user + system CPU time of the process per step (median).
 - compile: JAX lower + compile of the step; torch: the first (warm-up) step.
 - model FLOPs per image: 3 x the forward convolution and matmul FLOPs (2 per multiply-add, counted from the
   forward's jaxpr; the FFTs and elementwise math are not counted), the usual MFU convention.
 - MFU = model FLOPs/s / measured matmul peak.
-- AGP+ANM share: 1 - t(step without AGP and ANM) / t(step), the same model with agp_stages=() and anm_stage=0
+- AGP+ANM share: 1 - t(step without AGP and ANM) / t(step) (fastest steps), the same model with agp_stages=() and anm_stage=0
   (its head then has one branch instead of two nuance branches and no L_cnm, a small part of the step).
 
   python benchmarks/train_step.py                      # 288x144 and 384x144, batch 16 and 48, 5 steps
@@ -66,6 +68,11 @@ def _host_batch(config) -> dict[str, np.ndarray]:
   labels = np.repeat(np.arange(config.input.num_ids_per_batch), K).astype(np.int32)
   return {"visible": rng.standard_normal(shape, np.float32), "infrared": rng.standard_normal(shape, np.float32),
           "visible_labels": labels, "infrared_labels": labels}
+
+
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
 def _best_time(fn, reps: int) -> float:
@@ -132,14 +139,15 @@ def _run_jax(config, steps: int, cpu_flags: bool = True) -> dict[str, Any]:
       variables, host["visible"], host["infrared"])
   flops_per_image = 3 * _conv_dot_flops(forward.jaxpr) / (2 * len(host["visible_labels"]))
 
-  times = []
+  times, cpu = [], []
   for i in range(steps + 1):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), _cpu_seconds()
     state, metrics = compiled(state, sharding.host_to_global(host, mesh))
     loss = float(jax.device_get(metrics["total"]))
     if i:
       times.append(time.perf_counter() - start)
-  return {"times": times, "compile_s": compile_s, "peak_flops": peak, "flops_per_image": flops_per_image,
+      cpu.append(_cpu_seconds() - start_cpu)
+  return {"times": times, "cpu": cpu, "compile_s": compile_s, "peak_flops": peak, "flops_per_image": flops_per_image,
           "loss": loss, "xla_flags": os.environ.get("XLA_FLAGS", ""), "added_flags": added}
 
 
@@ -161,15 +169,16 @@ def _run_torch(config, steps: int, channels_last: bool) -> dict[str, Any]:
     return {k: (torch.from_numpy(v.transpose(0, 3, 1, 2)).contiguous(memory_format=fmt) if v.ndim == 4
                 else torch.from_numpy(v).long()) for k, v in host.items()}
 
-  times = []
+  times, cpu = [], []
   start = time.perf_counter()
   torch_fdnm.train_step(model, optimizer, batch(), config.loss)
   first_s = time.perf_counter() - start
   for _ in range(steps):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), _cpu_seconds()
     terms = torch_fdnm.train_step(model, optimizer, batch(), config.loss)
     times.append(time.perf_counter() - start)
-  return {"times": times, "compile_s": first_s, "peak_flops": peak, "loss": terms["total"],
+    cpu.append(_cpu_seconds() - start_cpu)
+  return {"times": times, "cpu": cpu, "compile_s": first_s, "peak_flops": peak, "loss": terms["total"],
           "threads": torch.get_num_threads()}
 
 
@@ -234,28 +243,29 @@ def main() -> None:
       if "jax" in sides and not args.no_share:
         results["jax_nofreq"] = _spawn("jax", size, batch, args.steps, no_frequency=True,
                                        no_cpu_flags=args.no_cpu_flags)
-        share = 1.0 - np.median(results["jax_nofreq"]["times"]) / np.median(results["jax"]["times"])
+        share = 1.0 - min(results["jax_nofreq"]["times"]) / min(results["jax"]["times"])
       peak = max(r["peak_flops"] for r in results.values())
       flops = results["jax"]["flops_per_image"] if "jax" in results else None
-      torch_best = max((batch / np.median(results[s]["times"]) for s in ("torch", "torch_cl") if s in results),
+      torch_best = max((batch / min(results[s]["times"]) for s in ("torch", "torch_cl") if s in results),
                        default=None)
       for side, r in results.items():
-        ips = batch / np.median(r["times"])
+        ips = batch / min(r["times"])
         mfu = f"{100 * flops * ips / peak:.0f} %" if flops and side != "jax_nofreq" else "-"
         ratio = f"{ips / torch_best:.2f}x" if torch_best and side == "jax" else "-"
-        rows.append(f"| {size} | {batch} | {side} | {ips:.2f} | {np.median(r['times']):.2f} s "
-                    f"({min(r['times']):.2f}-{max(r['times']):.2f}) | {r['compile_s']:.1f} s | "
-                    f"{r['peak_rss_mib']:.0f} MiB | {mfu} | {ratio} | "
-                    f"{(f'{100 * share:.0f} %' if share is not None and side == 'jax' else '-')} | "
+        share_text = f"{100 * share:.0f} %" if share is not None and side == "jax" else "-"
+        rows.append(f"| {size} | {batch} | {side} | {ips:.2f} | {batch / np.median(r['times']):.2f} | "
+                    f"{min(r['times']):.2f} / {np.median(r['times']):.2f} s | {np.median(r['cpu']):.1f} s | "
+                    f"{r['compile_s']:.1f} s | {r['peak_rss_mib']:.0f} MiB | {mfu} | {ratio} | {share_text} | "
                     f"{r['loss']:.3f} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |")
+      torch_peaks = [results[s]["peak_flops"] for s in ("torch", "torch_cl") if s in results]
       notes.append(f"{size} batch {batch}: matmul peak JAX {results.get('jax', {}).get('peak_flops', 0) / 1e9:.0f} "
-                   f"GFLOP/s, torch {max([results[s]['peak_flops'] for s in ('torch', 'torch_cl') if s in results] or [0]) / 1e9:.0f} "
-                   f"GFLOP/s; model {flops / 1e9 if flops else float('nan'):.1f} GFLOP per training image; "
+                   f"GFLOP/s, torch {max(torch_peaks or [0]) / 1e9:.0f} GFLOP/s (MFU uses {peak / 1e9:.0f}); model "
+                   f"{flops / 1e9 if flops else float('nan'):.1f} GFLOP per training image; "
                    f"JAX XLA_FLAGS {results.get('jax', {}).get('xla_flags', '')!r}")
       print(f"done {size} batch {batch}", file=sys.stderr, flush=True)
-  print("| size | batch | side | images/s | step (min-max) | compile / first step | peak RSS | MFU | JAX / best torch "
-        "| AGP+ANM share | loss | load before / after |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| size | batch | side | images/s (best step) | images/s (median) | step best / median | CPU s per step "
+        "| compile / first step | peak RSS | MFU (best) | JAX / best torch | AGP+ANM share | loss | load before / after |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   print("\n".join(rows))
   print("\n".join(notes))
   print(f"load average at end: {open('/proc/loadavg').read().split()[:3]}")
