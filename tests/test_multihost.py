@@ -53,8 +53,9 @@ def overrides(data_root):
 
 
 def env_with(devices, **extra):
+  # Fewer XLA CPU optimisations: faster compiles, the same for every run compared here.
   return dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+              JAX_DISABLE_MOST_OPTIMIZATIONS="1", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
 
 
 def rows(workdir):
@@ -105,13 +106,19 @@ def test_two_processes_train_and_evaluate_like_one_with_four_devices(tmp_path):
   for a, b in zip(two, one):
     for k in ("train/total", "train/id", "train/triplet", "train/lr") + (("train/grad_norm",) if a["step"] <= 3 else ()):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=f"step {a['step']} {k}")
-  # Evaluation: every test image embedded once (the padding masked out), the same retrieval scores.
+  # Evaluation: every test image embedded once (the padding masked out) and in its place, so the scores are
+  # the 1-process run's. Not to the digit: the two runs' final params differ by float noise and a near-tie
+  # of this 16 x 16 retrieval can flip (measured once: mAP 38.30 vs 38.14). Allowed: one query's rank-k
+  # (100/16 points) and 1 point of mAP / mINP; a gather or padding bug (embeddings out of order, images lost
+  # or duplicated) drops the scores towards chance or changes the counts.
   r1, r2 = results(ref)["settings"], results(work)["settings"]
   assert r2.keys() == r1.keys()
   for d in r1:
     assert r2[d]["num_query"] == r2[d]["num_gallery"] == 16
-    for k in ("rank1", "rank5", "mAP", "mINP"):
-      np.testing.assert_allclose(r2[d][k], r1[d][k], atol=1e-3, err_msg=f"{d} {k}")
+    for k in ("rank1", "rank5"):
+      assert abs(r2[d][k] - r1[d][k]) <= 100 / 16 + 1e-6, (d, k, r2[d][k], r1[d][k])
+    for k in ("mAP", "mINP"):
+      assert abs(r2[d][k] - r1[d][k]) <= 1.0, (d, k, r2[d][k], r1[d][k])
 
   # Writes: process 0 wrote config, metrics and results; process 1 wrote nothing in the workdir outside the
   # checkpoint folder (where each host writes its own shards).
