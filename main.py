@@ -31,8 +31,8 @@ flags.DEFINE_string("checkpoint", None, "--mode=eval|extract|visualize: a step n
                     "<workdir>/checkpoints/<step>; default: the latest step.")
 flags.DEFINE_bool("allow_untrained", False, "--mode=eval: with no checkpoint, evaluate the randomly initialised "
                   "model (reports marked UNTRAINED) instead of stopping with an error.")
-flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() (JAX detects TPU pods and SLURM; "
-                  "or give --coordinator_address, --num_processes, --process_id). Also on with FDNM_DISTRIBUTED=1.")
+flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() (JAX detects TPU pods and "
+                  "SLURM; or give --coordinator_address, --num_processes, --process_id). Or FDNM_DISTRIBUTED=1.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (or FDNM_COORDINATOR_ADDRESS).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (or FDNM_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index (or FDNM_PROCESS_ID).")

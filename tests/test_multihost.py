@@ -55,7 +55,8 @@ def overrides(data_root):
 def env_with(devices, **extra):
   # Fewer XLA CPU optimisations: faster compiles, the same for every run compared here.
   return dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-              JAX_DISABLE_MOST_OPTIMIZATIONS="1", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+              JAX_DISABLE_MOST_OPTIMIZATIONS="1", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              **extra)
 
 
 def rows(workdir):
@@ -80,8 +81,8 @@ def test_two_processes_train_and_evaluate_like_one_with_four_devices(tmp_path):
   port = free_port()
   procs = []
   for pid in range(2):
-    args = [f"--config={TINY}", f"--workdir={work}", *overrides(data_root), f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2", f"--process_id={pid}"]
+    args = [f"--config={TINY}", f"--workdir={work}", *overrides(data_root),
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"]
     procs.append(subprocess.Popen([sys.executable, "-c", WRAPPER, str(tmp_path / f"written_{pid}.json"), *args],
                                   cwd=REPO, env=env_with(2, FDNM_CPU_COLLECTIVES="gloo"),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -104,7 +105,8 @@ def test_two_processes_train_and_evaluate_like_one_with_four_devices(tmp_path):
   one, two = [r for r in rows(ref) if "train/total" in r], [r for r in rows(work) if "train/total" in r]
   assert [r["step"] for r in two] == [1, 2, 3, 4]
   for a, b in zip(two, one):
-    for k in ("train/total", "train/id", "train/triplet", "train/lr") + (("train/grad_norm",) if a["step"] <= 3 else ()):
+    grad_norm = ("train/grad_norm",) if a["step"] <= 3 else ()
+    for k in ("train/total", "train/id", "train/triplet", "train/lr") + grad_norm:
       np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=f"step {a['step']} {k}")
   # Evaluation: every test image embedded once (the padding masked out) and in its place, so the scores are
   # the 1-process run's. Not to the digit: the two runs' final params differ by float noise and a near-tie

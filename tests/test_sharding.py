@@ -117,7 +117,8 @@ def _child(workdir):
 
   meshes = {"1": (1, 1), "8": (8, 1), "4x2": (4, 2)}
   for name, (data, fsdp) in meshes.items():
-    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp}), devices=jax.devices()[:data * fsdp])
+    mesh_config = ml_collections.ConfigDict({"data": data, "fsdp": fsdp})
+    mesh = sharding.make_mesh(mesh_config, devices=jax.devices()[:data * fsdp])
     run = train.build_run(config, workdir, mesh)
     state, out["losses"][name] = steps(run, mesh, run.init_state(), 0, 3)
     np.savez(f"{workdir}/params_{name}.npz", **{sharding.path_str(p): np.asarray(x) for p, x in
