@@ -13,7 +13,7 @@ import torch
 from flax import traverse_util
 
 from benchmarks import torch_fdnm
-from fdnm_jax import optim, train
+from fdnm_jax import losses, optim, train
 from fdnm_jax.models.fdnm import fdnm_from_config
 from tests.configs import tiny
 
@@ -69,7 +69,6 @@ def test_torch_reference_matches_jax(variant):
   outputs, _ = model.apply(variables, batch["visible"], batch["infrared"], train=True, mutable=["batch_stats"])
   labels = np.concatenate([batch["visible_labels"], batch["infrared_labels"]])
   modality = np.repeat([0, 1], len(batch["visible_labels"]))
-  from fdnm_jax import losses  # pylint: disable=g-import-not-at-top
   _, terms = losses.total_loss(outputs, jnp.asarray(labels), jnp.asarray(modality), config.loss)
   tmodel.train()
   with torch.no_grad():
