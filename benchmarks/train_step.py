@@ -19,8 +19,8 @@ change the numbers). Each subprocess first measures its library's float32 matmul
 - model FLOPs per image: 3 x the forward convolution and matmul FLOPs (2 per multiply-add, counted from the
   forward's jaxpr; the FFTs and elementwise math are not counted), the usual MFU convention.
 - MFU = model FLOPs/s / measured matmul peak.
-- AGP+ANM share: 1 - t(step without AGP and ANM) / t(step) (fastest steps), the same model with agp_stages=() and anm_stage=0
-  (its head then has one branch instead of two nuance branches and no L_cnm, a small part of the step).
+- AGP+ANM share: 1 - t(step without AGP and ANM) / t(step) (fastest steps), the same model with agp_stages=() and
+  anm_stage=0 (its head then has one branch instead of two nuance branches and no L_cnm, a small part of the step).
 
   python benchmarks/train_step.py                      # 288x144 and 384x144, batch 16 and 48, 5 steps
   python benchmarks/train_step.py --quick              # 288x144, batch 16, 2 steps
