@@ -264,7 +264,8 @@ def main() -> None:
                    f"JAX XLA_FLAGS {results.get('jax', {}).get('xla_flags', '')!r}")
       print(f"done {size} batch {batch}", file=sys.stderr, flush=True)
   print("| size | batch | side | images/s (best step) | images/s (median) | step best / median | CPU s per step "
-        "| compile / first step | peak RSS | MFU (best) | JAX / best torch | AGP+ANM share | loss | load before / after |")
+        "| compile / first step | peak RSS | MFU (best) | JAX / best torch | AGP+ANM share | loss "
+        "| load before / after |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   print("\n".join(rows))
   print("\n".join(notes))
