@@ -6,12 +6,6 @@ Both transform the spatial axes H, W of a map x [B, H, W, C] with
 in float32 whatever the compute dtype (the map is cast to float32 on the way in
 and back to its own dtype on the way out): complex bfloat16 is not supported.
 
-Layout: XLA's FFT transforms the minor-most axes, so inside the modules the map is
-transposed once to [B, C, H, W] (`to_channels_first`), every spectral operation
-(FFTs, polar form, gates, 1x1 channel maps, instance norms) runs on [B, C, H, W//2+1]
-spectra, and the result is transposed back once: two real transposes per module
-instead of a real and a complex one around each FFT (docs/benchmarks.md).
-
 Amplitude and phase at |X| = 0: `|X|`, `angle(X)` and `X / |X|` have no gradient
 there (0/0). They are computed with the double-`where` trick: where |X|^2 <= 1e-30
 the amplitude is 0, the phase 0 and the unit phasor 1 (torch.angle(0) = 0), each
@@ -41,45 +35,6 @@ def rfft2(x: jax.Array) -> jax.Array:
 def irfft2(spectrum: jax.Array, height: int, width: int) -> jax.Array:
   """Inverse of `rfft2`: complex [B, H, W//2+1, C] -> float32 [B, height, width, C]."""
   return jnp.fft.irfft2(spectrum, s=(height, width), axes=(1, 2), norm="ortho")
-
-
-def to_channels_first(x: jax.Array) -> jax.Array:
-  """[B, H, W, C] (any float dtype) -> float32 [B, C, H, W]."""
-  return jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2))
-
-
-def to_channels_last(x: jax.Array, dtype: Dtype) -> jax.Array:
-  """[B, C, H, W] -> [B, H, W, C] in `dtype`."""
-  return jnp.transpose(x, (0, 2, 3, 1)).astype(dtype)
-
-
-def rfft2_last(x: jax.Array) -> jax.Array:
-  """Orthonormal 2-D real FFT over the last two axes: float32 [..., H, W] -> complex64 [..., H, W//2+1]."""
-  return jnp.fft.rfft2(x, norm="ortho")
-
-
-def irfft2_last(spectrum: jax.Array, height: int, width: int) -> jax.Array:
-  """Inverse of `rfft2_last`: complex [..., H, W//2+1] -> float32 [..., height, width]."""
-  return jnp.fft.irfft2(spectrum, s=(height, width), norm="ortho")
-
-
-class ChannelMix(nn.Module):
-  """A bias-free C_in -> C_out map over axis 1 of [B, C_in, ...] (a 1x1 conv on channel-first maps).
-
-  Parameter `kernel` [C_in, C_out] with PyTorch's default init, exactly like `nn.Dense(C_out)` on channel-last
-  input (same name, shape, init and RNG stream), computed at full float32 precision.
-
-  Attributes:
-    features: C_out.
-  """
-
-  features: int
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """float32 [B, C_in, ...] -> float32 [B, C_out, ...]."""
-    kernel = self.param("kernel", torch_default_kernel_init, (x.shape[1], self.features), jnp.float32)
-    return jnp.einsum("bc...,cd->bd...", x, kernel, precision=jax.lax.Precision.HIGHEST)
 
 
 def polar(spectrum: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -137,9 +92,9 @@ class AGP(nn.Module):
     _, height, width, channels = x.shape
     if channels % self.groups:
       raise ValueError(f"AGP: {channels} channels are not divisible by agp_groups={self.groups}.")
-    spectrum = rfft2_last(to_channels_first(x))  # [B, C, H, W//2+1]
+    spectrum = rfft2(x)
     amplitude, phase, _, _ = polar(spectrum)
-    mean_amplitude = jnp.mean(amplitude, axis=(2, 3))
+    mean_amplitude = jnp.mean(amplitude, axis=(1, 2))
     logits = jnp.concatenate(
         [
             nn.Dense(channels // self.groups, use_bias=False, dtype=jnp.float32,
@@ -149,10 +104,10 @@ class AGP(nn.Module):
         ],
         axis=-1,
     )
-    turn = phase * nn.sigmoid(logits)[:, :, None, None]
+    turn = phase * nn.sigmoid(logits)[:, None, None, :]
     # A exp(i (P s + P)) = X exp(i P s): the amplitude only feeds the gate.
     rotated = spectrum * jax.lax.complex(jnp.cos(turn), jnp.sin(turn))
-    return to_channels_last(irfft2_last(rotated, height, width), x.dtype)
+    return irfft2(rotated, height, width).astype(x.dtype)
 
 
 class ANM(nn.Module):
@@ -165,10 +120,10 @@ class ANM(nn.Module):
   exp(i P) is computed as the unit phasor X / |X| (no angle needed).
 
   Submodules: `conv1`, `conv2` (bias-free C -> C 1x1 convs on the amplitude,
-  `ChannelMix` layers with kernel [C_in, C_out] (the parameters a Dense layer
-  would have), i.e. a PyTorch weight w[:, :, 0, 0].T; PyTorch default init),
-  `inorm1`, `inorm2` (affine instance norm over the frequency grid per sample and
-  channel, eps 1e-5, biased variance), `bn` (BatchNorm2d, eps 1e-5).
+  written as Dense layers with kernel [C_in, C_out], i.e. a PyTorch weight
+  w[:, :, 0, 0].T; PyTorch default init), `inorm1`, `inorm2` (affine instance norm over the
+  frequency grid per sample and channel, eps 1e-5, biased variance), `bn`
+  (BatchNorm2d, eps 1e-5).
 
   Attributes:
     dtype: dtype of the BN and of the outputs; the FFT math is float32.
@@ -182,14 +137,16 @@ class ANM(nn.Module):
   def __call__(self, f: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Returns the two nuance maps (f_1, f_2), each [B, H, W, C] in `dtype`."""
     _, height, width, channels = f.shape
-    amplitude, _, cos_phase, sin_phase = polar(rfft2_last(to_channels_first(f)))  # [B, C, H, W//2+1]
+    amplitude, _, cos_phase, sin_phase = polar(rfft2(f))
     bn = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
                       dtype=self.dtype, param_dtype=jnp.float32, name="bn")
     outputs = []
     for i in (1, 2):
-      mixed = ChannelMix(channels, name=f"conv{i}")(amplitude)
-      mixed = nn.InstanceNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, feature_axes=1,
+      mixed = nn.Dense(channels, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+                       kernel_init=torch_default_kernel_init,
+                       precision=jax.lax.Precision.HIGHEST, name=f"conv{i}")(amplitude)
+      mixed = nn.InstanceNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
                               use_fast_variance=False, name=f"inorm{i}")(mixed)
       spectrum = jax.lax.complex(mixed * cos_phase, mixed * sin_phase)
-      outputs.append(bn(to_channels_last(irfft2_last(spectrum, height, width), self.dtype)))
+      outputs.append(bn(irfft2(spectrum, height, width)))
     return outputs[0], outputs[1]
