@@ -71,6 +71,8 @@ def main(argv):
   if FLAGS.mode == "extract" and not (FLAGS.images and FLAGS.modality and FLAGS.out):
     raise app.UsageError("--mode=extract needs --images, --modality (visible|infrared) and --out")
   _quiet_library_info_logs()
+  from fdnm_jax import platform  # pylint: disable=g-import-not-at-top
+  platform.configure_xla_flags()  # CPU-only XLA flags (docs/benchmarks.md); before any JAX backend starts.
   from fdnm_jax import distributed  # pylint: disable=g-import-not-at-top
   try:  # before anything touches the devices.
     distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
