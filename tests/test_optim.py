@@ -1,7 +1,6 @@
 """The optimiser against PyTorch's SGD written out in NumPy, and the schedule against DEEN's rule."""
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
