@@ -114,7 +114,7 @@ BASELINE = ("--config.model.agp_stages=()", "--config.model.anm_stage=0", "--con
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, compared_steps", [("full", 1), ("baseline", 2)])
+@pytest.mark.parametrize("model, compared_steps", [("full", 1)])
 def test_eight_devices_log_the_same_losses_as_one(tmp_path, model, compared_steps):
   """The 8-device SPMD program computes what the 1-device one does: every logged loss term and the gradient
   norm agree to 1e-4 relative.
@@ -123,7 +123,9 @@ def test_eight_devices_log_the_same_losses_as_one(tmp_path, model, compared_step
   order) differs by ~1e-7 and training amplifies it about tenfold per step on this tiny random-init model
   (batch-hard mining and ReLU patterns flip); in the full FDNM the amplification is faster (AGP's phase
   P * (1 + s) is discontinuous where a bin's phase wraps at +-pi, and the phase gradient ~1/|X| is large for
-  small bins), so the full model is compared on its first step, the baseline on its first two.
+  small bins), so the full model is compared on its first step through main.py here. The baseline in a
+  non-chaotic setting is compared over 3 steps and its final params on 1, 8 and 4x2 devices in
+  tests/test_sharding.py.
   """
   overrides = ("--config.schedule.num_epochs=1",) + (BASELINE if model == "baseline" else ())
   runs = {}
