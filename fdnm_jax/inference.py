@@ -14,7 +14,6 @@ The embedding is the evaluator's: the same eval transform (`pipeline.eval_batche
 """
 
 import json
-import math
 import os
 from typing import Any, Optional, Sequence
 
@@ -32,7 +31,6 @@ from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what `pipeline.decode` reads.
 MODALITY_IDS = {"visible": VISIBLE, "infrared": INFRARED}
-BATCHES_PER_PROGRESS_CHUNK = 8  # eval batches embedded between two progress updates.
 
 
 def _tuples(obj: Any) -> Any:
@@ -133,30 +131,21 @@ def load_model(workdir: str, checkpoint: Optional[str] = None, config: Optional[
 
 def embed_set(embed_fn: Any, variables: Any, image_set: ImageSet, config: ml_collections.ConfigDict,
               mesh: jax.sharding.Mesh, name: str = "embed") -> np.ndarray:
-  """`evaluator.embed_image_set` of `image_set` with a progress line, flip per config.evals.test_flip.
-
-  The set is embedded in chunks of whole eval batches (chunk starts are multiples of the global batch size), so
-  every device call sees exactly the batch `evaluator.embed_image_set` would give it: the result is identical.
+  """`evaluator.embed_image_set` of `image_set` (the same batches, hence identical embeddings) with a progress
+  line named `name`, flip per config.evals.test_flip.
 
   Returns:
     float32 [len(image_set), E].
+  Raises:
+    ValueError: `image_set` is empty.
   """
-  shards = sharding.num_batch_shards(mesh)
-  batch_size = math.ceil(config.input.eval_batch_size / shards) * shards
-  chunk = batch_size * BATCHES_PER_PROGRESS_CHUNK
-  n = len(image_set)
-  progress = Progress(name, total=n, unit="img")
-  parts = []
-  for start in range(0, n, chunk):
-    sub = ImageSet(image_set.paths[start:start + chunk], image_set.labels[start:start + chunk],
-                   image_set.cameras[start:start + chunk], image_set.modality)
-    parts.append(evaluator.embed_image_set(embed_fn, variables, sub, config.input, mesh,
-                                           flip=config.evals.test_flip))
-    progress.update(len(sub))
-  progress.done()
-  if not parts:
+  if not len(image_set):
     raise ValueError(f"{name}: no images to embed.")
-  return np.concatenate(parts).astype(np.float32)
+  progress = Progress(name, total=len(image_set), unit="img")
+  embeddings = evaluator.embed_image_set(embed_fn, variables, image_set, config.input, mesh,
+                                         flip=config.evals.test_flip, progress=progress)
+  progress.done()
+  return embeddings
 
 
 def embed_paths(model: Any, variables: Any, paths: Sequence[str], modality: str, config: ml_collections.ConfigDict,

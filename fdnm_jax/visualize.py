@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from fdnm_jax import inference, sharding, train
-from fdnm_jax.evaluation import eval_mode, metrics, protocols
+from fdnm_jax.evaluation import evaluator, metrics, protocols
 from fdnm_jax.plots import distances as dist_plots
 from fdnm_jax.plots import ranklist, tsne
 from fdnm_jax.plots.common import camera_label
@@ -98,7 +98,7 @@ def _embed_run(workdir: str, checkpoint: Optional[str], config: Optional[ml_coll
                source: Any) -> tuple[ml_collections.ConfigDict, dict]:
   config, model, variables = inference.load_model(workdir, checkpoint, config)
   mesh = sharding.make_mesh(config.mesh)
-  return config, eval_mode.embed_test_sets(model, variables, source, config, mesh)
+  return config, evaluator.embed_test_sets(model, variables, source, config, mesh)
 
 
 def _rank_list(path: str, a: dict, setting: protocols.Setting, positions: np.ndarray, k: int) -> tuple[str, list]:

@@ -79,9 +79,8 @@ def test_main_extract_writes_features_equal_to_the_evaluator_rows_in_list_order(
 
 
 @pytest.mark.slow
-def test_embed_set_in_chunks_equals_the_evaluator_with_several_batches(monkeypatch):
+def test_embed_paths_over_several_batches_equals_the_evaluator():
   source, want = evaluator_embeddings(eval_batch_size=4)  # 16 images -> 4 batches.
-  monkeypatch.setattr(inference, "BATCHES_PER_PROGRESS_CHUNK", 1)  # -> 4 chunks of one batch each.
   config = tiny.get_config()
   config.input.eval_batch_size = 4
   config_json, model, variables = inference.load_model(trained_workdir(), checkpoint="4", config=config)

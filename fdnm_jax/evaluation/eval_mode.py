@@ -16,7 +16,7 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from fdnm_jax import checkpoints, inference, sharding, train
+from fdnm_jax import checkpoints, sharding, train
 from fdnm_jax.evaluation import evaluator, protocols, published
 from fdnm_jax.progress import Progress
 
@@ -142,17 +142,6 @@ def _write(workdir: str, report: dict) -> dict[str, str]:
   return paths
 
 
-def embed_test_sets(model: Any, variables: Any, source: Any, config: ml_collections.ConfigDict,
-                    mesh: jax.sharding.Mesh) -> dict[str, Any]:
-  """`evaluator.embed_test_sets` with a progress line per test set (the same embeddings, `inference.embed_set`)."""
-  out = {}
-  for name, image_set in source.test_sets.items():
-    modality = "visible" if image_set.modality == 0 else "infrared"
-    embed_fn = evaluator.make_embed_fn(model, mesh, modality)
-    out[name] = inference.embed_set(embed_fn, variables, image_set, config, mesh, name=f"embed test set {name}")
-  return out
-
-
 def score_settings(source: Any, embeddings: dict, settings: Any, config: ml_collections.ConfigDict,
                    rerank: Optional[protocols.Rerank]) -> dict[str, dict]:
   """`protocols.run_protocols` one setting at a time, with a progress line counting trials."""
@@ -197,7 +186,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   run = train.build_run(config, workdir, mesh)
   untrained = step is None
   state = run.init_state() if untrained else _restore(config, run, ckpt_workdir, step)
-  embeddings = embed_test_sets(run.model, train.variables_of(state), run.source, config, mesh)
+  embeddings = evaluator.embed_test_sets(run.model, train.variables_of(state), run.source, config, mesh)
   settings = protocols.settings_for(run.source, config)
   rerank = rerank_of(config)
   results = score_settings(run.source, embeddings, settings, config, rerank)

@@ -6,7 +6,7 @@ embeddings are gathered to every host for the metrics.
 """
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fdnm_jax import sharding
+from fdnm_jax.progress import Progress
 from fdnm_jax.evaluation import face, protocols
 from fdnm_jax.evaluation.metrics import compute_metrics, pairwise_distance
 from input_pipeline import pipeline
@@ -44,14 +45,15 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def embed_image_set(embed_fn: Callable, variables: Any, image_set: Any, input_config: ml_collections.ConfigDict,
-                    mesh: jax.sharding.Mesh, flip: bool = False) -> np.ndarray:
+                    mesh: jax.sharding.Mesh, flip: bool = False, progress: Optional[Progress] = None) -> np.ndarray:
   """Embeddings of every image of `image_set`, in file order.
 
   Multi-host: the global batch size is `config.input.eval_batch_size` rounded up to a multiple of the mesh's
   batch shards (a multiple of the process count); every host runs ceil(N / batch) steps on its share, the
   last batch padded with zero images (mask False). Each image's file index travels with it, so the result
   does not depend on where the mesh places each host's rows; the embeddings, indices and masks are gathered
-  to every host (`process_allgather`) and the padding dropped.
+  to every host (`process_allgather`) and the padding dropped. `progress`, when given, counts the real images of
+  each batch (the caller calls its `done()`).
 
   Returns:
     float32 [len(image_set), E]; with `flip`, the sum of the embeddings of each image and its mirror.
@@ -70,6 +72,8 @@ def embed_image_set(embed_fn: Callable, variables: Any, image_set: Any, input_co
       emb = emb + embed_fn(variables, g["images_flipped"])
     emb, index, mask = _to_host(emb), _to_host(g["index"]), _to_host(g["mask"])
     chunks.append((emb[mask], index[mask]))
+    if progress is not None:
+      progress.update(int(mask.sum()))
   if not chunks:
     return np.zeros((0, 0), np.float32)
   emb = np.concatenate([c[0] for c in chunks])
@@ -106,16 +110,21 @@ def score_directions(source: DataSource, embeddings: Mapping[str, np.ndarray], m
 
 def embed_test_sets(model: Any, variables: Any, source: DataSource, config: ml_collections.ConfigDict,
                     mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
-  """Embeds every test set of `source` once, with the stem of its modality (flip TTA per config.evals.test_flip).
+  """Embeds every test set of `source` once, with the stem of its modality (flip TTA per config.evals.test_flip),
+  logging a progress line per set.
 
   Returns:
     test-set name -> float32 [N, E] embeddings in the set's file order.
   """
   modality_of = {name: ("visible" if s.modality == 0 else "infrared") for name, s in source.test_sets.items()}
   embed_fns = {m: make_embed_fn(model, mesh, m) for m in set(modality_of.values())}
-  return {name: embed_image_set(embed_fns[modality_of[name]], variables, s, config.input, mesh,
-                                flip=config.evals.test_flip)
-          for name, s in source.test_sets.items()}
+  embeddings = {}
+  for name, s in source.test_sets.items():
+    progress = Progress(f"embed test set {name}", total=len(s), unit="img")
+    embeddings[name] = embed_image_set(embed_fns[modality_of[name]], variables, s, config.input, mesh,
+                                       flip=config.evals.test_flip, progress=progress)
+    progress.done()
+  return embeddings
 
 
 def summary_row(result: Mapping[str, Any]) -> dict[str, Any]:
