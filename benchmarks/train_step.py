@@ -21,6 +21,10 @@ change the numbers). Each subprocess first measures its library's float32 matmul
 - MFU = model FLOPs/s / measured matmul peak.
 - AGP+ANM share: 1 - t(step without AGP and ANM) / t(step) (fastest steps), the same model with agp_stages=() and
   anm_stage=0 (its head then has one branch instead of two nuance branches and no L_cnm, a small part of the step).
+  The notes give the same ratio in model FLOPs (ANM's two 2048 x 2048 amplitude convolutions are most of it): the
+  time share cannot go below it unless AGP/ANM run faster per FLOP than the backbone.
+- Sides: jax (`model.spectral_transform="fft"`, jnp.fft, the default), jax_dft (`"dft_matmul"`: the FFTs as DFT
+  matrix products), torch (NCHW), torch_cl (channels_last).
 
   python benchmarks/train_step.py                      # 288x144 and 384x144, batch 16 and 48, 5 steps
   python benchmarks/train_step.py --quick              # 288x144, batch 16, 2 steps
@@ -44,10 +48,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_CLASSES = 395
 K = 4  # images per identity per modality
 MATMUL_N = 2048
-SIDES = ("jax", "torch", "torch_cl")
+SIDES = ("jax", "jax_dft", "torch", "torch_cl")
+JAX_SIDES = ("jax", "jax_dft")
 
 
-def _config(height: int, width: int, batch: int, frequency: bool):
+def _config(height: int, width: int, batch: int, frequency: bool, spectral_transform: str = "fft"):
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.input.height, config.input.width = height, width
@@ -55,6 +60,7 @@ def _config(height: int, width: int, batch: int, frequency: bool):
     raise ValueError(f"--batches {batch}: expected a multiple of {2 * K} (identities x {K} per modality x 2)")
   config.input.num_ids_per_batch = batch // (2 * K)
   config.input.num_instances = K
+  config.model.spectral_transform = spectral_transform
   if not frequency:
     config.model.agp_stages = ()
     config.model.anm_stage = 0
@@ -184,8 +190,9 @@ def _run_torch(config, steps: int, channels_last: bool) -> dict[str, Any]:
 
 def _child(args) -> None:
   height, width = (int(v) for v in args.size.split("x"))
-  config = _config(height, width, args.batch, frequency=not args.no_frequency)
-  if args.side == "jax":
+  transform = "dft_matmul" if args.side == "jax_dft" else "fft"
+  config = _config(height, width, args.batch, frequency=not args.no_frequency, spectral_transform=transform)
+  if args.side in JAX_SIDES:
     out = _run_jax(config, args.steps, cpu_flags=not args.no_cpu_flags)
   else:
     out = _run_torch(config, args.steps, channels_last=args.side == "torch_cl")
@@ -239,20 +246,22 @@ def main() -> None:
   for size in args.sizes.split(","):
     for batch in (int(b) for b in args.batches.split(",")):
       results = {side: _spawn(side, size, batch, args.steps, no_cpu_flags=args.no_cpu_flags) for side in sides}
-      share = None
-      if "jax" in sides and not args.no_share:
+      shares, flop_share = {}, None
+      jax_sides = [s for s in JAX_SIDES if s in sides]
+      if jax_sides and not args.no_share:
         results["jax_nofreq"] = _spawn("jax", size, batch, args.steps, no_frequency=True,
                                        no_cpu_flags=args.no_cpu_flags)
-        share = 1.0 - min(results["jax_nofreq"]["times"]) / min(results["jax"]["times"])
+        shares = {s: 1.0 - min(results["jax_nofreq"]["times"]) / min(results[s]["times"]) for s in jax_sides}
+        flop_share = 1.0 - results["jax_nofreq"]["flops_per_image"] / results[jax_sides[0]]["flops_per_image"]
       peak = max(r["peak_flops"] for r in results.values())
-      flops = results["jax"]["flops_per_image"] if "jax" in results else None
+      flops = results[jax_sides[0]]["flops_per_image"] if jax_sides else None
       torch_best = max((batch / min(results[s]["times"]) for s in ("torch", "torch_cl") if s in results),
                        default=None)
       for side, r in results.items():
         ips = batch / min(r["times"])
         mfu = f"{100 * flops * ips / peak:.0f} %" if flops and side != "jax_nofreq" else "-"
-        ratio = f"{ips / torch_best:.2f}x" if torch_best and side == "jax" else "-"
-        share_text = f"{100 * share:.0f} %" if share is not None and side == "jax" else "-"
+        ratio = f"{ips / torch_best:.2f}x" if torch_best and side in JAX_SIDES else "-"
+        share_text = f"{100 * shares[side]:.0f} %" if side in shares else "-"
         rows.append(f"| {size} | {batch} | {side} | {ips:.2f} | {batch / np.median(r['times']):.2f} | "
                     f"{min(r['times']):.2f} / {np.median(r['times']):.2f} s | {np.median(r['cpu']):.1f} s | "
                     f"{r['compile_s']:.1f} s | {r['peak_rss_mib']:.0f} MiB | {mfu} | {ratio} | {share_text} | "
@@ -260,7 +269,8 @@ def main() -> None:
       torch_peaks = [results[s]["peak_flops"] for s in ("torch", "torch_cl") if s in results]
       notes.append(f"{size} batch {batch}: matmul peak JAX {results.get('jax', {}).get('peak_flops', 0) / 1e9:.0f} "
                    f"GFLOP/s, torch {max(torch_peaks or [0]) / 1e9:.0f} GFLOP/s (MFU uses {peak / 1e9:.0f}); model "
-                   f"{flops / 1e9 if flops else float('nan'):.1f} GFLOP per training image; "
+                   f"{flops / 1e9 if flops else float('nan'):.1f} GFLOP per training image"
+                   + (f" ({100 * flop_share:.1f} % of them in AGP+ANM and the nuance head); " if flop_share else "; ") +
                    f"JAX XLA_FLAGS {results.get('jax', {}).get('xla_flags', '')!r}")
       print(f"done {size} batch {batch}", file=sys.stderr, flush=True)
   print("| size | batch | side | images/s (best step) | images/s (median) | step best / median | CPU s per step "

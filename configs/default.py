@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.anm_keep_original = False  # keep the original map as a branch beside the two nuance maps.
   config.model.num_parts = 0  # horizontal stripes pooled as local features; 0 = global features only.
   config.model.bn_momentum = 0.9  # BatchNorm running-average decay (PyTorch momentum 0.1).
+  config.model.spectral_transform = "fft"  # AGP/ANM FFTs: fft (jnp.fft) | dft_matmul (DFT matrix products).
   config.model.pretrained = ""  # path of torchvision-layout ResNet-50 weights; "" = random init.
 
   config.loss = ml_collections.ConfigDict()

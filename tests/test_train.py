@@ -114,7 +114,7 @@ BASELINE = ("--config.model.agp_stages=()", "--config.model.anm_stage=0", "--con
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, compared_steps", [("full", 1)])
+@pytest.mark.parametrize("model, compared_steps", [("full", 1), ("full_dft_matmul", 1)])
 def test_eight_devices_log_the_same_losses_as_one(tmp_path, model, compared_steps):
   """The 8-device SPMD program computes what the 1-device one does: every logged loss term and the gradient
   norm agree to 1e-4 relative.
@@ -127,7 +127,8 @@ def test_eight_devices_log_the_same_losses_as_one(tmp_path, model, compared_step
   non-chaotic setting is compared over 3 steps and its final params on 1, 8 and 4x2 devices in
   tests/test_sharding.py.
   """
-  overrides = ("--config.schedule.num_epochs=1",) + (BASELINE if model == "baseline" else ())
+  overrides = ("--config.schedule.num_epochs=1",) + (BASELINE if model == "baseline" else ()) + (
+      ("--config.model.spectral_transform=dft_matmul",) if model == "full_dft_matmul" else ())
   runs = {}
   for devices in (1, 8):
     workdir = str(tmp_path / f"d{devices}")
@@ -135,7 +136,7 @@ def test_eight_devices_log_the_same_losses_as_one(tmp_path, model, compared_step
     runs[devices] = train_rows(workdir)
   assert [r["step"] for r in runs[8]] == [1, 2]
   terms = ("train/total", "train/id", "train/triplet", "train/grad_norm") + (
-      ("train/cnm", "train/ortho") if model == "full" else ())
+      ("train/cnm", "train/ortho") if model.startswith("full") else ())
   for r1, r8 in list(zip(runs[1], runs[8]))[:compared_steps]:
     for key in terms:
       np.testing.assert_allclose(r8[key], r1[key], rtol=1e-4, err_msg=f"step {r1['step']} {key}")

@@ -90,6 +90,8 @@ class FDNM(nn.Module):
     anm_keep_original: the original map is a branch (ID + triplet losses, embedding).
     num_parts: horizontal stripes pooled as extra entries; 0 = global only.
     bn_momentum: BatchNorm running-average decay (Flax convention; 0.9 = PyTorch 0.1).
+    spectral_transform: how AGP and ANM compute their 2-D FFTs: "fft" (jnp.fft) or
+      "dft_matmul" (DFT matrix products; same values to float32 rounding, faster on the CPU).
   """
 
   num_classes: int
@@ -103,6 +105,7 @@ class FDNM(nn.Module):
   anm_keep_original: bool = False
   num_parts: int = 0
   bn_momentum: float = 0.9
+  spectral_transform: str = "fft"
 
   def _validate(self) -> None:
     num_stages = len(self.stage_sizes)
@@ -115,6 +118,9 @@ class FDNM(nn.Module):
       raise ValueError("model.anm_keep_original=True needs ANM: set model.anm_stage > 0.")
     if self.num_parts < 0:
       raise ValueError(f"model.num_parts={self.num_parts}: expected >= 0.")
+    if self.spectral_transform not in frequency.SPECTRAL_TRANSFORMS:
+      raise ValueError(f"model.spectral_transform={self.spectral_transform!r}: expected one of "
+                       f"{frequency.SPECTRAL_TRANSFORMS}.")
 
   def _bnneck(self, name: str, train: bool) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
@@ -149,9 +155,10 @@ class FDNM(nn.Module):
       x = resnet.make_stage(i, num_blocks, self.width, self.last_stride, num_stages, self.dtype,
                             self.bn_momentum)(x, train=train)
       if i in self.agp_stages:
-        x = frequency.AGP(groups=self.agp_groups, name=f"agp{i}")(x)
+        x = frequency.AGP(groups=self.agp_groups, transform=self.spectral_transform, name=f"agp{i}")(x)
       if i == self.anm_stage:
-        nuance1, nuance2 = frequency.ANM(dtype=self.dtype, bn_momentum=self.bn_momentum, name="anm")(
+        nuance1, nuance2 = frequency.ANM(dtype=self.dtype, bn_momentum=self.bn_momentum,
+                                           transform=self.spectral_transform, name="anm")(
             x, train=train)
         x = jnp.concatenate([x, nuance1, nuance2], axis=0)
         streams = 3
@@ -203,7 +210,7 @@ def fdnm_from_config(model_config: ml_collections.ConfigDict, num_classes: int) 
 
   Args:
     model_config: `config.model` (stage_sizes, width, last_stride, dtype, agp_stages,
-      agp_groups, anm_stage, anm_keep_original, num_parts, bn_momentum).
+      agp_groups, anm_stage, anm_keep_original, num_parts, bn_momentum, spectral_transform).
     num_classes: training identities.
   """
   if model_config.dtype not in DTYPES:
@@ -220,6 +227,8 @@ def fdnm_from_config(model_config: ml_collections.ConfigDict, num_classes: int) 
       anm_keep_original=model_config.anm_keep_original,
       num_parts=model_config.num_parts,
       bn_momentum=model_config.bn_momentum,
+      # config.json files written before the field existed have no spectral_transform.
+      spectral_transform=model_config.get("spectral_transform", "fft"),
   )
   model._validate()
   return model

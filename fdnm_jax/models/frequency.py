@@ -12,13 +12,20 @@ the amplitude is 0, the phase 0 and the unit phasor 1 (torch.angle(0) = 0), each
 with a zero gradient, so an all-zero map gives finite gradients.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from fdnm_jax.models import linear
 
 Dtype = Any
+
+# How the 2-D real FFTs are computed (AGP, ANM; config.model.spectral_transform).
+SPECTRAL_TRANSFORMS = ("fft", "dft_matmul")
 
 # |X|^2 below this counts as zero for the phase (|X| < 1e-15; features are O(1)).
 _ZERO_POWER = 1e-30
@@ -27,26 +34,121 @@ _ZERO_POWER = 1e-30
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def rfft2(x: jax.Array) -> jax.Array:
-  """Orthonormal 2-D real FFT over H, W of a [B, H, W, C] map, in float32 -> complex64 [B, H, W//2+1, C]."""
-  return jnp.fft.rfft2(x.astype(jnp.float32), axes=(1, 2), norm="ortho")
+def rfft2(x: jax.Array, transform: str = "fft") -> tuple[jax.Array, jax.Array]:
+  """Orthonormal 2-D real FFT over H, W of a [B, H, W, C] map, in float32.
 
-
-def irfft2(spectrum: jax.Array, height: int, width: int) -> jax.Array:
-  """Inverse of `rfft2`: complex [B, H, W//2+1, C] -> float32 [B, height, width, C]."""
-  return jnp.fft.irfft2(spectrum, s=(height, width), axes=(1, 2), norm="ortho")
-
-
-def polar(spectrum: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Guarded polar decomposition of a complex64 spectrum.
+  Args:
+    x: [B, H, W, C], any float dtype (cast to float32).
+    transform: "fft" (`jnp.fft.rfft2`) or "dft_matmul" (`dft_rfft2`).
 
   Returns:
-    (amplitude, phase, cos_phase, sin_phase), float32, same shape as `spectrum`:
+    (real, imag) parts of the spectrum, float32 [B, H, W//2+1, C] each.
+  """
+  x = x.astype(jnp.float32)
+  if transform == "dft_matmul":
+    return dft_rfft2(x)
+  if transform != "fft":
+    raise ValueError(f"model.spectral_transform={transform!r}: expected one of {SPECTRAL_TRANSFORMS}.")
+  spectrum = jnp.fft.rfft2(x, axes=(1, 2), norm="ortho")
+  return jnp.real(spectrum), jnp.imag(spectrum)
+
+
+def irfft2(real: jax.Array, imag: jax.Array, height: int, width: int, transform: str = "fft") -> jax.Array:
+  """Inverse of `rfft2`: (real, imag) float32 [B, H, W//2+1, C] -> float32 [B, height, width, C]."""
+  if transform == "dft_matmul":
+    return dft_irfft2(real, imag, height, width)
+  if transform != "fft":
+    raise ValueError(f"model.spectral_transform={transform!r}: expected one of {SPECTRAL_TRANSFORMS}.")
+  return jnp.fft.irfft2(jax.lax.complex(real, imag), s=(height, width), axes=(1, 2), norm="ortho")
+
+
+@functools.lru_cache(maxsize=None)
+def _dft_matrices(height: int, width: int) -> dict[str, np.ndarray]:
+  """The four real matrices of `dft_rfft2` / `dft_irfft2` for an H x W map (float64 maths, float32 out).
+
+  K = W // 2 + 1 frequency columns. Index orders (row-major, matching the reshapes in the callers):
+    w_forward [(p, k), w]   [2K, W]:  p = 0: cos(2 pi k w / W) / sqrt(W); p = 1: -sin(...) / sqrt(W).
+    h_forward [(q, u), (h, p)] [2H, 2H]: complex DFT over H (e^{-2 pi i u h / H} / sqrt(H)) acting on
+      (real, imag) pairs; q = 0 real part out, q = 1 imaginary part out.
+    h_inverse [(h, q), (p, u)] [2H, 2H]: complex inverse DFT over H (e^{+2 pi i u h / H} / sqrt(H)).
+    w_inverse [w, (q, k)]   [W, 2K]: the real inverse over W: c_k (re cos - im sin) / sqrt(W), c_k = 1 for
+      k = 0 and (W even) k = W/2, else 2 (the Hermitian half counted twice), as numpy's irfft (which ignores
+      the imaginary parts of those two bins: sin vanishes there).
+  """
+  k_count = width // 2 + 1
+  k = np.arange(k_count)[:, None]
+  w = np.arange(width)[None, :]
+  angle_w = 2.0 * np.pi * k * w / width  # [K, W]
+  w_forward = np.concatenate([np.cos(angle_w), -np.sin(angle_w)], axis=0) / np.sqrt(width)
+  weight = np.full((k_count, 1), 2.0)
+  weight[0] = 1.0
+  if width % 2 == 0:
+    weight[-1] = 1.0
+  w_inverse = np.concatenate([weight * np.cos(angle_w), -weight * np.sin(angle_w)], axis=0).T / np.sqrt(width)
+
+  u = np.arange(height)[:, None]
+  h = np.arange(height)[None, :]
+  cos_h = np.cos(2.0 * np.pi * u * h / height) / np.sqrt(height)  # [u, h], symmetric
+  sin_h = np.sin(2.0 * np.pi * u * h / height) / np.sqrt(height)
+  # Forward: re' = cos re + sin im, im' = cos im - sin re; rows (q, u), columns (h, p).
+  h_forward = np.zeros((2, height, height, 2))
+  h_forward[0, :, :, 0], h_forward[0, :, :, 1] = cos_h, sin_h
+  h_forward[1, :, :, 0], h_forward[1, :, :, 1] = -sin_h, cos_h
+  # Inverse: re = cos re' - sin im', im = sin re' + cos im'; rows (h, q), columns (p, u).
+  h_inverse = np.zeros((height, 2, 2, height))
+  h_inverse[:, 0, 0, :], h_inverse[:, 0, 1, :] = cos_h.T, -sin_h.T
+  h_inverse[:, 1, 0, :], h_inverse[:, 1, 1, :] = sin_h.T, cos_h.T
+  return {"w_forward": w_forward.astype(np.float32),
+          "h_forward": h_forward.reshape(2 * height, 2 * height).astype(np.float32),
+          "h_inverse": h_inverse.reshape(2 * height, 2 * height).astype(np.float32),
+          "w_inverse": w_inverse.astype(np.float32)}
+
+
+def _batched_matmul(matrix: np.ndarray, x: jax.Array) -> jax.Array:
+  """matrix [M, N] @ x[n] [N, F] for every n of x [n, N, F] -> [n, M, F], as a batched dot_general.
+
+  The constant is broadcast over the batch so the result comes out in x's own layout (a plain
+  `dot_general` with a shared matrix puts its free axis first and XLA adds a transpose).
+  """
+  batch = x.shape[0]
+  lhs = jnp.broadcast_to(jnp.asarray(matrix), (batch,) + matrix.shape)
+  return jax.lax.dot_general(lhs, x, (((2,), (1,)), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST)
+
+
+def dft_rfft2(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`rfft2` as two real matrix products (the DFT over W, then the complex DFT over H), float32.
+
+  Same result as `jnp.fft.rfft2(x, axes=(1, 2), norm="ortho")` to float32 rounding. On the 2-core CPU the
+  matrix products (about 2 H + W multiply-adds per output value) run faster than XLA's FFT with the layout
+  transposes it needs around the minor-most axes (docs/benchmarks.md).
+  """
+  batch, height, width, channels = x.shape
+  m = _dft_matrices(height, width)
+  k_count = width // 2 + 1
+  rows = _batched_matmul(m["w_forward"], x.reshape(batch * height, width, channels))  # [B*H, 2K, C]
+  cols = _batched_matmul(m["h_forward"], rows.reshape(batch, 2 * height, k_count * channels))  # [B, 2H, K*C]
+  spectrum = cols.reshape(batch, 2, height, k_count, channels)
+  return spectrum[:, 0], spectrum[:, 1]
+
+
+def dft_irfft2(real: jax.Array, imag: jax.Array, height: int, width: int) -> jax.Array:
+  """`irfft2` as two real matrix products (the inverse complex DFT over H, then the real inverse over W)."""
+  batch, _, k_count, channels = real.shape
+  m = _dft_matrices(height, width)
+  stacked = jnp.stack([real, imag], axis=1).reshape(batch, 2 * height, k_count * channels)  # (p, u)
+  cols = _batched_matmul(m["h_inverse"], stacked)  # [B, (h, q), K*C]
+  rows = _batched_matmul(m["w_inverse"], cols.reshape(batch * height, 2 * k_count, channels))  # [B*H, W, C]
+  return rows.reshape(batch, height, width, channels)
+
+
+def polar(re: jax.Array, im: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Guarded polar decomposition of a spectrum X = re + i im (float32 arrays of one shape).
+
+  Returns:
+    (amplitude, phase, cos_phase, sin_phase), float32, the shape of `re`:
     amplitude = |X|, phase = angle(X) in (-pi, pi], (cos, sin) = X / |X|; at
     |X| = 0 they are 0, 0, (1, 0) with zero gradients.
   """
-  re = jnp.real(spectrum)
-  im = jnp.imag(spectrum)
   power = re * re + im * im
   nonzero = power > _ZERO_POWER
   safe_power = jnp.where(nonzero, power, 1.0)
@@ -82,9 +184,11 @@ class AGP(nn.Module):
 
   Attributes:
     groups: number of parallel C -> C/groups gate maps (C must be divisible).
+    transform: how the 2-D FFTs are computed, one of SPECTRAL_TRANSFORMS (`rfft2`).
   """
 
   groups: int = 4
+  transform: str = "fft"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -92,8 +196,8 @@ class AGP(nn.Module):
     _, height, width, channels = x.shape
     if channels % self.groups:
       raise ValueError(f"AGP: {channels} channels are not divisible by agp_groups={self.groups}.")
-    spectrum = rfft2(x)
-    amplitude, phase, _, _ = polar(spectrum)
+    re, im = rfft2(x, self.transform)
+    amplitude, phase, _, _ = polar(re, im)
     mean_amplitude = jnp.mean(amplitude, axis=(1, 2))
     logits = jnp.concatenate(
         [
@@ -106,8 +210,10 @@ class AGP(nn.Module):
     )
     turn = phase * nn.sigmoid(logits)[:, None, None, :]
     # A exp(i (P s + P)) = X exp(i P s): the amplitude only feeds the gate.
-    rotated = spectrum * jax.lax.complex(jnp.cos(turn), jnp.sin(turn))
-    return irfft2(rotated, height, width).astype(x.dtype)
+    cos_turn, sin_turn = jnp.cos(turn), jnp.sin(turn)
+    rotated_re = re * cos_turn - im * sin_turn
+    rotated_im = re * sin_turn + im * cos_turn
+    return irfft2(rotated_re, rotated_im, height, width, self.transform).astype(x.dtype)
 
 
 class ANM(nn.Module):
@@ -128,25 +234,25 @@ class ANM(nn.Module):
   Attributes:
     dtype: dtype of the BN and of the outputs; the FFT math is float32.
     bn_momentum: running-average decay of `bn` (Flax convention).
+    transform: how the 2-D FFTs are computed, one of SPECTRAL_TRANSFORMS (`rfft2`).
   """
 
   dtype: Dtype = jnp.float32
   bn_momentum: float = 0.9
+  transform: str = "fft"
 
   @nn.compact
   def __call__(self, f: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Returns the two nuance maps (f_1, f_2), each [B, H, W, C] in `dtype`."""
     _, height, width, channels = f.shape
-    amplitude, _, cos_phase, sin_phase = polar(rfft2(f))
+    amplitude, _, cos_phase, sin_phase = polar(*rfft2(f, self.transform))
     bn = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
                       dtype=self.dtype, param_dtype=jnp.float32, name="bn")
     outputs = []
     for i in (1, 2):
-      mixed = nn.Dense(channels, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-                       kernel_init=torch_default_kernel_init,
-                       precision=jax.lax.Precision.HIGHEST, name=f"conv{i}")(amplitude)
+      mixed = linear.ChannelDense(channels, kernel_init=torch_default_kernel_init,
+                                  precision=jax.lax.Precision.HIGHEST, name=f"conv{i}")(amplitude)
       mixed = nn.InstanceNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
                               use_fast_variance=False, name=f"inorm{i}")(mixed)
-      spectrum = jax.lax.complex(mixed * cos_phase, mixed * sin_phase)
-      outputs.append(bn(irfft2(spectrum, height, width)))
+      outputs.append(bn(irfft2(mixed * cos_phase, mixed * sin_phase, height, width, self.transform)))
     return outputs[0], outputs[1]

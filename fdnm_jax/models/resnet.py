@@ -40,6 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fdnm_jax.models import linear
+
 Dtype = Any
 
 # torchvision: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu").
@@ -53,8 +55,9 @@ class Conv1x1(nn.Module):
 
   Same parameter as `nn.Conv(features, (1, 1))` (`kernel` [1, 1, Cin, features], same init and RNG stream), same
   result up to float rounding; a stride s keeps every s-th row and column (no padding). On the CPU backend XLA
-  lowers a dot and its gradients (dX = dY W^T, dW = X^T dY) to GEMMs with no layout change, where the
-  convolution's weight gradient needs the activations transposed (docs/benchmarks.md).
+  lowers a dot and its gradients to plain GEMMs, where the convolution's weight gradient needs the activations
+  transposed in several layouts; `linear.channel_matmul` transposes only the smaller operand of the weight
+  gradient (docs/benchmarks.md).
 
   Attributes:
     features: output channels.
@@ -73,7 +76,7 @@ class Conv1x1(nn.Module):
     if self.stride != 1:
       x = x[:, ::self.stride, ::self.stride, :]
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    return linear.channel_matmul(x, kernel[0, 0])
 
 
 def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str) -> nn.Module:
@@ -104,24 +107,57 @@ def _batch_norm(train: bool, momentum: float, dtype: Dtype, name: str) -> nn.Bat
   )
 
 
-def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
-  """`nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))` as the maximum of 9 strided slices.
-
-  Same values ([B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C], -inf padding). The gradient goes through elementwise
-  selects (at a tie it is split between the tied inputs, where reduce_window gives it to one of them; after ReLU
-  only zeros tie, whose gradient ReLU drops) instead of select-and-scatter, which the CPU backend lowers to an
-  iota + scatter over the whole padded map.
-  """
+def _pool_windows(x: jax.Array) -> tuple[list[tuple[int, int, jax.Array]], tuple[int, ...]]:
+  """The 9 strided [B, out_h, out_w, C] views of the -inf padded x, with their (row, col) offsets."""
   batch, height, width, channels = x.shape
   out_h, out_w = (height - 1) // 2 + 1, (width - 1) // 2 + 1
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  out = None
+  windows = []
   for dy in range(3):
     for dx in range(3):
-      window = jax.lax.slice(padded, (0, dy, dx, 0), (batch, dy + 2 * out_h - 1, dx + 2 * out_w - 1, channels),
-                             (1, 2, 2, 1))
-      out = window if out is None else jnp.maximum(out, window)
+      windows.append((dy, dx, jax.lax.slice(padded, (0, dy, dx, 0),
+                                            (batch, dy + 2 * out_h - 1, dx + 2 * out_w - 1, channels), (1, 2, 2, 1))))
+  return windows, padded.shape
+
+
+@jax.custom_vjp
+def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
+  """`nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))` as the maximum of 9 strided slices.
+
+  Same values ([B, H, W, C] -> [B, ceil(H/2), ceil(W/2), C], -inf padding). The gradient of each output goes to
+  the first input of its window (row-major order) that equals the maximum, as PyTorch's max_pool2d does; it is
+  written as 9 masked strided pads, which XLA fuses into one pass, instead of select-and-scatter (lowered on the
+  CPU to an iota + scatter over the whole map) or the gradient of a chain of maximums (8 select passes).
+  """
+  windows, _ = _pool_windows(x)
+  out = windows[0][2]
+  for _, _, window in windows[1:]:
+    out = jnp.maximum(out, window)
   return out
+
+
+def _max_pool_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  out = max_pool_3x3_stride2(x)
+  return out, (x, out)
+
+
+def _max_pool_backward(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array]:
+  x, out = residuals
+  windows, padded_shape = _pool_windows(x)
+  zero = jnp.zeros((), grad.dtype)
+  taken = jnp.zeros(out.shape, bool)
+  grad_padded = jnp.zeros(padded_shape, grad.dtype)
+  for dy, dx, window in windows:
+    hit = (window == out) & ~taken
+    taken = taken | hit
+    # Strided scatter of this window's share: interior padding 1 puts output (i, j) at (dy + 2i, dx + 2j).
+    config = [(0, 0, 0), (dy, padded_shape[1] - dy - (2 * out.shape[1] - 1), 1),
+              (dx, padded_shape[2] - dx - (2 * out.shape[2] - 1), 1), (0, 0, 0)]
+    grad_padded = grad_padded + jax.lax.pad(jnp.where(hit, grad, zero), zero, config)
+  return (grad_padded[:, 1:-1, 1:-1, :],)
+
+
+max_pool_3x3_stride2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 class Stem(nn.Module):

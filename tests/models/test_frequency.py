@@ -55,11 +55,12 @@ def _gate_kernel(params, groups):
 # Odd H, W: the only real-valued bin is DC, whose phase 0 / pi is exact in float32 and float64
 # (Nyquist bins of even sizes carry +-0 rounding noise in their imaginary part, and the spec's
 # P * (1 + s) is discontinuous across the negative real axis).
+@pytest.mark.parametrize("transform", frequency.SPECTRAL_TRANSFORMS)
 @pytest.mark.parametrize("shape", [(2, 7, 5, 8), (3, 9, 3, 12)])
-def test_agp_matches_numpy(shape):
+def test_agp_matches_numpy(shape, transform):
   x = np.random.default_rng(0).uniform(0.0, 2.0, size=shape).astype(np.float32)
   x[0, ..., 0] -= 3.0  # a channel with a negative DC bin (phase pi)
-  agp = frequency.AGP(groups=4)
+  agp = frequency.AGP(groups=4, transform=transform)
   variables = agp.init(jax.random.key(1), x)
   kernel = _gate_kernel(variables["params"], 4)
   assert kernel.shape == (shape[-1], shape[-1])
@@ -94,9 +95,10 @@ def _randomise_norms(variables, seed):
   return jax.tree_util.tree_map_with_path(fill, variables)
 
 
-def test_anm_matches_numpy_train_and_eval():
+@pytest.mark.parametrize("transform", frequency.SPECTRAL_TRANSFORMS)
+def test_anm_matches_numpy_train_and_eval(transform):
   f = np.random.default_rng(2).normal(size=(3, 6, 4, 8)).astype(np.float32)
-  anm = frequency.ANM(bn_momentum=0.9)
+  anm = frequency.ANM(bn_momentum=0.9, transform=transform)
   variables = _randomise_norms(anm.init(jax.random.key(0), f), 3)
   p = variables["params"]
   assert set(p) == {"conv1", "conv2", "inorm1", "inorm2", "bn"}
@@ -119,11 +121,12 @@ def test_anm_matches_numpy_train_and_eval():
   np.testing.assert_allclose(np.asarray(e2), ref2, atol=1e-5)
 
 
-def test_gradients_finite_for_all_zero_map():
+@pytest.mark.parametrize("transform", frequency.SPECTRAL_TRANSFORMS)
+def test_gradients_finite_for_all_zero_map(transform):
   zeros = jnp.zeros((2, 6, 4, 8), jnp.float32)
-  agp = frequency.AGP(groups=4)
+  agp = frequency.AGP(groups=4, transform=transform)
   agp_vars = agp.init(jax.random.key(0), zeros)
-  anm = frequency.ANM()
+  anm = frequency.ANM(transform=transform)
   anm_vars = anm.init(jax.random.key(0), zeros)
 
   def agp_loss(params, x):
@@ -141,8 +144,46 @@ def test_gradients_finite_for_all_zero_map():
       assert np.all(np.isfinite(np.asarray(g)))
 
 
+@pytest.mark.parametrize("height,width", [(6, 4), (7, 5), (4, 9)])  # even and odd sizes (Nyquist bins)
+def test_dft_matmul_transforms_match_numpy_fft(height, width):
+  rng = np.random.default_rng(height * width)
+  x = rng.normal(size=(2, height, width, 3)).astype(np.float32)
+  re, im = jax.jit(frequency.dft_rfft2)(x)
+  reference = _np_rfft2(x)
+  np.testing.assert_allclose(re, reference.real, atol=2e-6)
+  np.testing.assert_allclose(im, reference.imag, atol=2e-6)
+  # Any half spectrum, not only a Hermitian one: irfft2 drops the imaginary parts numpy drops.
+  half = (rng.normal(size=reference.shape) + 1j * rng.normal(size=reference.shape)).astype(np.complex64)
+  y = jax.jit(frequency.dft_irfft2, static_argnums=(2, 3))(half.real, half.imag, height, width)
+  np.testing.assert_allclose(y, _np_irfft2(half, height, width), atol=2e-6)
+
+
+def test_dft_matmul_inverse_gradient_is_the_transpose_of_numpy_irfft2():
+  height, width, k = 4, 6, 4  # even width: DC and Nyquist columns
+  weights = np.random.default_rng(5).normal(size=(1, height, width, 1))
+  loss = lambda re, im: jnp.sum(jnp.asarray(weights, jnp.float32) * frequency.dft_irfft2(re, im, height, width))
+  zeros = jnp.zeros((1, height, k, 1), jnp.float32)
+  grad_re, grad_im = jax.grad(loss, argnums=(0, 1))(zeros, zeros)
+  # The inverse is linear: d loss / d re[u, v] = sum(weights * irfft2(unit spectrum at (u, v))), and i for im.
+  expected_re = np.zeros((height, k))
+  expected_im = np.zeros((height, k))
+  for u in range(height):
+    for v in range(k):
+      unit = np.zeros((1, height, k, 1), np.complex128)
+      unit[0, u, v, 0] = 1.0
+      expected_re[u, v] = np.sum(weights * _np_irfft2(unit, height, width))
+      expected_im[u, v] = np.sum(weights * _np_irfft2(1j * unit, height, width))
+  np.testing.assert_allclose(grad_re[0, :, :, 0], expected_re, atol=1e-5)
+  np.testing.assert_allclose(grad_im[0, :, :, 0], expected_im, atol=1e-5)
+
+
+def test_unknown_spectral_transform_is_named():
+  with pytest.raises(ValueError, match="spectral_transform='dct'"):
+    frequency.rfft2(jnp.zeros((1, 4, 4, 1)), "dct")
+
+
 def test_polar_at_zero():
-  amp, phase, cos, sin = frequency.polar(jnp.zeros((3,), jnp.complex64))
+  amp, phase, cos, sin = frequency.polar(jnp.zeros((3,), jnp.float32), jnp.zeros((3,), jnp.float32))
   np.testing.assert_array_equal(amp, 0.0)
   np.testing.assert_array_equal(phase, 0.0)
   np.testing.assert_array_equal(cos, 1.0)

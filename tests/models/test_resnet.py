@@ -206,3 +206,30 @@ def test_stem_max_pool_matches_reduce_window_values_and_gradients():
     np.testing.assert_array_equal(np.asarray(resnet.max_pool_3x3_stride2(x)), np.asarray(pool(x)))
     grad = lambda f: jax.grad(lambda v: jnp.sum(jnp.sin(f(v)) * jnp.arange(f(v).size).reshape(f(v).shape)))(x)
     np.testing.assert_allclose(np.asarray(grad(resnet.max_pool_3x3_stride2)), np.asarray(grad(pool)), atol=1e-6)
+
+
+def _np_max_pool_grad_first_max(x, grad_out):
+  """NumPy loop: each output's gradient goes to the first maximal input of its 3x3/2 window (pad 1), row-major."""
+  batch, height, width, channels = x.shape
+  out_h, out_w = grad_out.shape[1:3]
+  grad = np.zeros_like(x, dtype=np.float64)
+  for b in range(batch):
+    for c in range(channels):
+      for i in range(out_h):
+        for j in range(out_w):
+          cells = [(r, s) for r in range(2 * i - 1, 2 * i + 2) for s in range(2 * j - 1, 2 * j + 2)
+                   if 0 <= r < height and 0 <= s < width]
+          best = max(x[b, r, s, c] for r, s in cells)
+          r, s = next((r, s) for r, s in cells if x[b, r, s, c] == best)
+          grad[b, r, s, c] += grad_out[b, i, j, c]
+  return grad
+
+
+def test_stem_max_pool_gradient_at_ties_goes_to_the_first_maximum():
+  """After ReLU many inputs tie (zeros); PyTorch gives each output's gradient to its window's first maximum."""
+  rng = np.random.default_rng(3)
+  x = np.maximum(rng.integers(-3, 3, size=(2, 7, 6, 2)), 0).astype(np.float32)  # ~60 % zeros, repeated values
+  grad_out = rng.normal(size=(2, 4, 3, 2)).astype(np.float32)
+  _, vjp = jax.vjp(resnet.max_pool_3x3_stride2, jnp.asarray(x))
+  (grad,) = vjp(jnp.asarray(grad_out))
+  np.testing.assert_allclose(np.asarray(grad), _np_max_pool_grad_first_max(x, grad_out), atol=1e-6)
