@@ -91,7 +91,8 @@ class FDNM(nn.Module):
     num_parts: horizontal stripes pooled as extra entries; 0 = global only.
     bn_momentum: BatchNorm running-average decay (Flax convention; 0.9 = PyTorch 0.1).
     spectral_transform: how AGP and ANM compute their 2-D FFTs: "fft" (jnp.fft) or
-      "dft_matmul" (DFT matrix products; same values to float32 rounding, faster on the CPU).
+      "dft_matmul" (DFT matrix products: the same transform to float32 rounding, faster on the CPU; AGP/ANM
+      outputs can still differ where a bin is rounding noise, see the frequency module's docstring).
   """
 
   num_classes: int
