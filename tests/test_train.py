@@ -195,6 +195,9 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   p = ctx.Process(target=_write_probe_as_nobody, args=(str(locked / "run"), child))
   p.start()
   p.join(60)
+  # The child only makes os calls (no JAX), so forking the multithreaded test process is safe here; poll so a
+  # child that died without answering fails the test instead of blocking it.
+  assert parent.poll(10), f"the probe process sent nothing (exit code {p.exitcode})"
   message = parent.recv()
   assert "is not a writable folder" in message and "--workdir" in message, message
 
