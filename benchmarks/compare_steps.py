@@ -61,10 +61,8 @@ def main() -> None:
 
   from fdnm_jax import platform  # pylint: disable=g-import-not-at-top
   platform.configure_xla_flags()
-  import jax  # pylint: disable=g-import-not-at-top
   import train_step  # pylint: disable=g-import-not-at-top
-  from fdnm_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
-  from fdnm_jax.models.fdnm import fdnm_from_config  # pylint: disable=g-import-not-at-top
+  from fdnm_jax import sharding  # pylint: disable=g-import-not-at-top
 
   print("command:", shlex.join([sys.executable] + sys.argv))
   print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; load average at start: {os.getloadavg()[0]:.1f}; "
@@ -72,25 +70,13 @@ def main() -> None:
   height, width = (int(v) for v in args.size.split("x"))
   runs = []
   for variant in args.variants:
-    config = train_step._config(height, width, args.batch, frequency=True)  # pylint: disable=protected-access
+    config = train_step.benchmark_config(height, width, args.batch, frequency=True)
     _apply(config, variant)
-    mesh = sharding.make_mesh(config.mesh)
-    model = fdnm_from_config(config.model, train_step.NUM_CLASSES)
-    tx = optim.make_optimizer(config.optim, config.schedule, steps_per_epoch=100)
-    shape = (1, height, width, 3)
-    init = lambda rng, model=model, tx=tx: train.create_train_state(model, tx, rng, shape)
-    state_sharding = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
-    state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(0))
-    batch = sharding.host_to_global(train_step._host_batch(config), mesh)  # pylint: disable=protected-access
-    step = jax.jit(train.make_train_step(model, tx, config.loss),
-                   in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    state, metrics = compiled(state, batch)  # warm-up
-    runs.append({"variant": variant or "(default)", "step": compiled, "state": state, "batch": batch,
-                 "times": [], "compile_s": compile_s, "loss": float(metrics["total"])})
+    step = train_step.build_jax_step(config)
+    batch = sharding.host_to_global(step.host, step.mesh)
+    state, metrics = step.compiled(step.state, batch)  # warm-up
+    runs.append({"variant": variant or "(default)", "step": step.compiled, "state": state, "batch": batch,
+                 "times": [], "compile_s": step.compile_s, "loss": float(metrics["total"])})
   for r in range(args.rounds):
     for run in (runs if r % 2 == 0 else runs[::-1]):
       start = time.perf_counter()

@@ -39,7 +39,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -52,7 +52,8 @@ SIDES = ("jax", "jax_dft", "torch", "torch_cl")
 JAX_SIDES = ("jax", "jax_dft")
 
 
-def _config(height: int, width: int, batch: int, frequency: bool, spectral_transform: str = "fft"):
+def benchmark_config(height: int, width: int, batch: int, frequency: bool = True, spectral_transform: str = "fft"):
+  """`configs/default.py` at H x W with a batch of `batch` images (B/8 identities x 4 per modality)."""
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.input.height, config.input.width = height, width
@@ -111,34 +112,53 @@ def _conv_dot_flops(jaxpr) -> float:
   return total
 
 
+class JaxStep(NamedTuple):
+  """A compiled benchmark step: `compiled(state, global batch) -> (state, metrics)`, its initial state, the FDNM
+  module, the host batch (`_host_batch`), the mesh and the seconds spent in lower + compile."""
+  compiled: Any
+  state: Any
+  model: Any
+  host: dict[str, np.ndarray]
+  mesh: Any
+  compile_s: float
+
+
+def build_jax_step(config) -> JaxStep:
+  """The benchmarked JAX step of `config`, compiled as `train._train_loop` does (one-device mesh shardings, the
+  state donated). The caller configures XLA flags first."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fdnm_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from fdnm_jax.models.fdnm import fdnm_from_config  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.make_mesh(config.mesh)
+  model = fdnm_from_config(config.model, NUM_CLASSES)
+  tx = optim.make_optimizer(config.optim, config.schedule, steps_per_epoch=100)
+  shape = (1, config.input.height, config.input.width, 3)
+  init = lambda rng: train.create_train_state(model, tx, rng, shape)
+  state_sharding = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
+  state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(0))
+  host = _host_batch(config)
+  step_fn = jax.jit(train.make_train_step(model, tx, config.loss),
+                    in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, sharding.host_to_global(host, mesh)).compile()
+  return JaxStep(compiled, state, model, host, mesh, time.perf_counter() - start)
+
+
 def _run_jax(config, steps: int, cpu_flags: bool = True) -> dict[str, Any]:
   from fdnm_jax import platform  # pylint: disable=g-import-not-at-top
   added = platform.configure_xla_flags() if cpu_flags else []
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from fdnm_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
-  from fdnm_jax.models.fdnm import fdnm_from_config  # pylint: disable=g-import-not-at-top
+  from fdnm_jax import sharding  # pylint: disable=g-import-not-at-top
 
   a = jnp.asarray(np.random.default_rng(1).standard_normal((MATMUL_N, MATMUL_N), np.float32))
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
   peak = 2.0 * MATMUL_N ** 3 / _best_time(lambda: matmul(a).block_until_ready(), 5)
 
-  mesh = sharding.make_mesh(config.mesh)
-  model = fdnm_from_config(config.model, NUM_CLASSES)
-  tx = optim.make_optimizer(config.optim, config.schedule, steps_per_epoch=100)
-  shape = (1, config.input.height, config.input.width, 3)
-  abstract = jax.eval_shape(lambda r: train.create_train_state(model, tx, r, shape), jax.random.key(0))
-  state_sharding = sharding.state_shardings(abstract, mesh)
-  state = jax.jit(lambda r: train.create_train_state(model, tx, r, shape), out_shardings=state_sharding)(
-      jax.random.key(0))
-  host = _host_batch(config)
-  step_fn = jax.jit(train.make_train_step(model, tx, config.loss), in_shardings=(state_sharding,
-                                                                                  sharding.batch_sharding(mesh)),
-                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-  start = time.perf_counter()
-  compiled = step_fn.lower(state, sharding.host_to_global(host, mesh)).compile()
-  compile_s = time.perf_counter() - start
+  compiled, state, model, host, mesh, compile_s = build_jax_step(config)
 
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   forward = jax.make_jaxpr(lambda v, x, y: model.apply(v, x, y, train=True, mutable=["batch_stats"]))(
@@ -191,7 +211,8 @@ def _run_torch(config, steps: int, channels_last: bool) -> dict[str, Any]:
 def _child(args) -> None:
   height, width = (int(v) for v in args.size.split("x"))
   transform = "dft_matmul" if args.side == "jax_dft" else "fft"
-  config = _config(height, width, args.batch, frequency=not args.no_frequency, spectral_transform=transform)
+  config = benchmark_config(height, width, args.batch, frequency=not args.no_frequency,
+                            spectral_transform=transform)
   if args.side in JAX_SIDES:
     out = _run_jax(config, args.steps, cpu_flags=not args.no_cpu_flags)
   else:

@@ -119,9 +119,7 @@ class FDNM(nn.Module):
       raise ValueError("model.anm_keep_original=True needs ANM: set model.anm_stage > 0.")
     if self.num_parts < 0:
       raise ValueError(f"model.num_parts={self.num_parts}: expected >= 0.")
-    if self.spectral_transform not in frequency.SPECTRAL_TRANSFORMS:
-      raise ValueError(f"model.spectral_transform={self.spectral_transform!r}: expected one of "
-                       f"{frequency.SPECTRAL_TRANSFORMS}.")
+    frequency.check_spectral_transform(self.spectral_transform)
 
   def _bnneck(self, name: str, train: bool) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,

@@ -42,6 +42,12 @@ _ZERO_POWER = 1e-30
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+def check_spectral_transform(transform: str) -> None:
+  """Raises ValueError naming `model.spectral_transform` unless `transform` is one of SPECTRAL_TRANSFORMS."""
+  if transform not in SPECTRAL_TRANSFORMS:
+    raise ValueError(f"model.spectral_transform={transform!r}: expected one of {SPECTRAL_TRANSFORMS}.")
+
+
 def rfft2(x: jax.Array, transform: str = "fft") -> tuple[jax.Array, jax.Array]:
   """Orthonormal 2-D real FFT over H, W of a [B, H, W, C] map, in float32.
 
@@ -52,21 +58,19 @@ def rfft2(x: jax.Array, transform: str = "fft") -> tuple[jax.Array, jax.Array]:
   Returns:
     (real, imag) parts of the spectrum, float32 [B, H, W//2+1, C] each.
   """
+  check_spectral_transform(transform)
   x = x.astype(jnp.float32)
   if transform == "dft_matmul":
     return dft_rfft2(x)
-  if transform != "fft":
-    raise ValueError(f"model.spectral_transform={transform!r}: expected one of {SPECTRAL_TRANSFORMS}.")
   spectrum = jnp.fft.rfft2(x, axes=(1, 2), norm="ortho")
   return jnp.real(spectrum), jnp.imag(spectrum)
 
 
 def irfft2(real: jax.Array, imag: jax.Array, height: int, width: int, transform: str = "fft") -> jax.Array:
   """Inverse of `rfft2`: (real, imag) float32 [B, H, W//2+1, C] -> float32 [B, height, width, C]."""
+  check_spectral_transform(transform)
   if transform == "dft_matmul":
     return dft_irfft2(real, imag, height, width)
-  if transform != "fft":
-    raise ValueError(f"model.spectral_transform={transform!r}: expected one of {SPECTRAL_TRANSFORMS}.")
   return jnp.fft.irfft2(jax.lax.complex(real, imag), s=(height, width), axes=(1, 2), norm="ortho")
 
 
