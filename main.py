@@ -43,11 +43,6 @@ flags.DEFINE_string("queries", "4", "--mode=visualize: n queries evenly spaced, 
 flags.DEFINE_string("compare_workdir", None, "--mode=visualize: a second run whose distance histograms go beside.")
 flags.mark_flags_as_required(["workdir"])  # --config too, except for extract/visualize (default: <workdir>/config.json).
 
-# Errors caused by the user's input: reported as one clear line, not a stack trace.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, NotImplementedError,
-               FloatingPointError)
-
-
 def _hide_accelerators_from_tf() -> None:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
@@ -74,9 +69,10 @@ def main(argv):
   from fdnm_jax import platform  # pylint: disable=g-import-not-at-top
   platform.configure_xla_flags()  # CPU-only XLA flags (docs/benchmarks.md); before any JAX backend starts.
   from fdnm_jax import distributed  # pylint: disable=g-import-not-at-top
+  from fdnm_jax.errors import FdnmError  # pylint: disable=g-import-not-at-top
   try:  # before anything touches the devices.
     distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  except ValueError as e:
+  except FdnmError as e:
     raise app.UsageError(str(e))
   _hide_accelerators_from_tf()
   from fdnm_jax import train  # pylint: disable=g-import-not-at-top  (after TF is configured)
@@ -101,7 +97,7 @@ def main(argv):
   except train.Preempted as e:  # the checkpoint is saved: exit 0 so the scheduler restarts and resumes.
     logging.warning("%s", e)
     sys.exit(0)
-  except USER_ERRORS as e:
+  except FdnmError as e:  # the user's input is wrong: one line with the fix. Anything else keeps its traceback.
     logging.error("%s: %s", e.__class__.__name__, e)
     sys.exit(f"error: {e}")
 

@@ -13,6 +13,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from fdnm_jax.errors import MissingFileError
+
 
 def is_remote(path: str) -> bool:
   """Whether `path` is a URL of an object store (gs://bucket/run), not a local path."""
@@ -71,6 +73,6 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: Optional[
   """
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint under {manager.directory}")
+    raise MissingFileError(f"no checkpoint under {manager.directory}")
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   return restored["state"], step

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 from fdnm_jax import pretrained
+from fdnm_jax.errors import FdnmError
 
 
 def main(argv=None) -> int:
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
   try:
     state = pretrained.load_state_dict(args.src)
     pretrained.convert(state, source=args.src, stage_sizes=stage_sizes, width=args.width)  # validates
-  except (ValueError, ImportError, FileNotFoundError) as e:
+  except FdnmError as e:  # the user's input: one line; anything else keeps its traceback.
     print(f"error: {e}", file=sys.stderr)
     return 1
   keep = pretrained.expected_shapes(stage_sizes, args.width)

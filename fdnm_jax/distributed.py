@@ -19,6 +19,8 @@ from typing import Mapping, Optional
 
 import jax
 
+from fdnm_jax.errors import ConfigError
+
 ENV_PREFIX = "FDNM_"
 
 
@@ -38,7 +40,7 @@ def _int_or_none(name: str, value: Optional[str]) -> Optional[int]:
   try:
     return int(value)
   except ValueError as e:
-    raise ValueError(f"{name}={value!r}: expected an integer.") from e
+    raise ConfigError(f"{name}={value!r}: expected an integer.") from e
 
 
 def spec_from_env(env: Optional[Mapping[str, str]] = None, *, enabled: bool = False,
@@ -62,13 +64,13 @@ def spec_from_env(env: Optional[Mapping[str, str]] = None, *, enabled: bool = Fa
     return None
   explicit = [address is not None, n is not None, pid is not None]
   if any(explicit) and not all(explicit):
-    raise ValueError(
+    raise ConfigError(
         "multi-host: give all of the coordinator address, the number of processes and the process id "
         f"(got address={address!r}, num_processes={n}, process_id={pid}; flags --coordinator_address, "
         "--num_processes, --process_id or FDNM_COORDINATOR_ADDRESS, FDNM_NUM_PROCESSES, FDNM_PROCESS_ID), "
         "or none of them to let JAX detect the cluster (TPU pod, SLURM).")
   if n is not None and (n < 1 or not 0 <= pid < n):
-    raise ValueError(f"multi-host: process_id={pid} is not in 0..{n - 1} (num_processes={n}).")
+    raise ConfigError(f"multi-host: process_id={pid} is not in 0..{n - 1} (num_processes={n}).")
   ids = env.get(ENV_PREFIX + "LOCAL_DEVICE_IDS")
   local_ids = tuple(int(i) for i in ids.split(",")) if ids else None
   return DistributedSpec(address, n, pid, local_ids, env.get(ENV_PREFIX + "CPU_COLLECTIVES") or None)

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from fdnm_jax import checkpoints, sharding
+from fdnm_jax.errors import CheckpointError, DataError, FlagError, MissingFileError
 from fdnm_jax.evaluation import evaluator
 from fdnm_jax.models.fdnm import fdnm_from_config
 from fdnm_jax.progress import Progress
@@ -56,8 +57,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   from configs import default  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.abspath(workdir), "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a training run's folder (training writes "
-                            "config.json there), or pass --config with the run's config.")
+    raise MissingFileError(f"{path} not found: --workdir must be a training run's folder (training writes "
+                           "config.json there), or pass --config with the run's config.")
   with open(path) as f:
     saved = _tuples(json.load(f))
   return ml_collections.ConfigDict(_merged(default.get_config().to_dict(), saved))
@@ -75,7 +76,7 @@ def _state_metadata(step_dir: str) -> dict:
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
   if not isinstance(tree, dict) or "params" not in tree:
-    raise ValueError(f"{step_dir}/state is not a train-state checkpoint of fdnm-jax (no 'params' in it).")
+    raise CheckpointError(f"{step_dir}/state is not a train-state checkpoint of fdnm-jax (no 'params' in it).")
   return tree
 
 
@@ -120,8 +121,8 @@ def load_model(workdir: str, checkpoint: Optional[str] = None, config: Optional[
   config = load_config(workdir) if config is None else config
   ckpt_workdir, step = eval_mode.resolve_checkpoint(workdir, checkpoint)
   if step is None:
-    raise FileNotFoundError(f"no checkpoint under {checkpoints.checkpoint_dir(workdir)}: train first (python "
-                            "main.py --mode=train with this --workdir) or pass --checkpoint=<step folder>.")
+    raise MissingFileError(f"no checkpoint under {checkpoints.checkpoint_dir(workdir)}: train first (python "
+                           "main.py --mode=train with this --workdir) or pass --checkpoint=<step folder>.")
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   variables, num_classes = restore_variables(ckpt_workdir, step, config.checkpoint, mesh)
   logging.info("Loaded %s step %d (%d training identities)", checkpoints.checkpoint_dir(ckpt_workdir), step,
@@ -140,7 +141,7 @@ def embed_set(embed_fn: Any, variables: Any, image_set: ImageSet, config: ml_col
     ValueError: `image_set` is empty.
   """
   if not len(image_set):
-    raise ValueError(f"{name}: no images to embed.")
+    raise DataError(f"{name}: no images to embed.")
   progress = Progress(name, total=len(image_set), unit="img")
   embeddings = evaluator.embed_image_set(embed_fn, variables, image_set, config.input, mesh,
                                          flip=config.evals.test_flip, progress=progress)
@@ -161,7 +162,7 @@ def embed_paths(model: Any, variables: Any, paths: Sequence[str], modality: str,
     float32 [len(paths), E], row i = paths[i].
   """
   if modality not in MODALITY_IDS:
-    raise ValueError(f"--modality={modality!r}: use visible or infrared.")
+    raise FlagError(f"--modality={modality!r}: use visible or infrared.")
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   image_set = ImageSet(tuple(os.path.abspath(p) for p in paths), np.full(len(paths), -1), np.zeros(len(paths)),
                        MODALITY_IDS[modality])
@@ -180,20 +181,20 @@ def list_images(images: str) -> list[str]:
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(images) for f in files
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
-      raise ValueError(f"--images={images}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in that folder or below.")
+      raise DataError(f"--images={images}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in that folder or below.")
     return paths
   if not os.path.isfile(images):
-    raise FileNotFoundError(f"--images={images}: no such folder or list file.")
+    raise MissingFileError(f"--images={images}: no such folder or list file.")
   base = os.path.dirname(images)
   with open(images) as f:
     lines = [line.strip() for line in f]
   paths = [os.path.normpath(os.path.join(base, line)) for line in lines if line and not line.startswith("#")]
   if not paths:
-    raise ValueError(f"--images={images}: the list file names no images (one path per line).")
+    raise DataError(f"--images={images}: the list file names no images (one path per line).")
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(f"--images={images}: {len(missing)} listed file(s) not found, first {missing[0]}; "
-                            "paths are relative to the list file's folder.")
+    raise MissingFileError(f"--images={images}: {len(missing)} listed file(s) not found, first {missing[0]}; "
+                           "paths are relative to the list file's folder.")
   return paths
 
 
@@ -238,7 +239,7 @@ def extract(workdir: str, images: str, modality: str, out: str, checkpoint: Opti
     {"features": path, "index": path, "num_images": N, "dim": E}.
   """
   if modality not in MODALITY_IDS:
-    raise ValueError(f"--modality={modality!r}: use visible or infrared.")
+    raise FlagError(f"--modality={modality!r}: use visible or infrared.")
   paths = list_images(images)
   config, model, variables = load_model(workdir, checkpoint, config)
   mesh = sharding.make_mesh(config.mesh)

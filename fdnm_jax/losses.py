@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fdnm_jax.errors import ConfigError
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -236,7 +238,7 @@ def total_loss(outputs: dict[str, jax.Array], labels: jax.Array, modality: jax.A
   elif loss_config.triplet == "wrt":
     triplet_fn = weighted_regularized_triplet
   else:
-    raise ValueError(f"loss.triplet={loss_config.triplet!r}: expected 'hard' or 'wrt'.")
+    raise ConfigError(f"loss.triplet={loss_config.triplet!r}: expected 'hard' or 'wrt'.")
 
   logits = outputs["logits"]
   id_loss = jnp.mean(jnp.stack([cross_entropy(logits[r], labels, loss_config.label_smoothing)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from fdnm_jax.errors import CheckpointError, ConfigError, MissingDependencyError, MissingFileError
 from fdnm_jax.models.resnet import EXPANSION
 
 STEMS = ("visible_stem", "infrared_stem")
@@ -106,7 +107,7 @@ def convert(state_dict: Mapping[str, Any], source: str = "<state dict>", stage_s
     for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
       if keys:
         lines.append(f"  {len(keys)} {title}: " + ", ".join(keys))
-    raise ValueError("\n".join(lines))
+    raise CheckpointError("\n".join(lines))
   flat = {"params": {}, "batch_stats": {}}
   for name in expected:
     value = np.asarray(given[name], dtype=np.float32)
@@ -145,7 +146,8 @@ def merge(variables: Mapping[str, Any], params: Mapping[str, Any], batch_stats: 
         target[path] = jnp.asarray(value, target[path].dtype)
     out[collection] = traverse_util.unflatten_dict(target)
   if problems:
-    raise ValueError(f"{source}: {len(problems)} converted weights do not fit the model:\n  " + "\n  ".join(problems))
+    raise CheckpointError(f"{source}: {len(problems)} converted weights do not fit the model:\n  "
+                          + "\n  ".join(problems))
   for collection, tree in variables.items():
     out.setdefault(collection, tree)
   return out
@@ -186,8 +188,9 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
   try:
     import torch  # optional dependency
   except ImportError:
-    raise ImportError(f"{path}: reading a .pth/.pt file needs torch, which is not installed; convert it once with "
-                      f"`python -m fdnm_jax.convert --src {path} --dst weights.npz` on a machine with torch") from None
+    raise MissingDependencyError(
+        f"{path}: reading a .pth/.pt file needs torch, which is not installed; convert it once with "
+        f"`python -m fdnm_jax.convert --src {path} --dst weights.npz` on a machine with torch") from None
   obj = torch.load(path, map_location="cpu", weights_only=True)
   for key in ("state_dict", "model"):
     if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
@@ -208,19 +211,20 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"pretrained weights {path!r}: no such file")
+    raise MissingFileError(f"pretrained weights {path!r}: no such file")
   ext = os.path.splitext(path)[1].lower()
   readers = {".npz": lambda p: _read_npz(p), ".safetensors": _read_safetensors, ".pth": _read_torch,
              ".pt": _read_torch, ".bin": _read_torch}
   if ext not in readers:
-    raise ValueError(f"pretrained weights {path!r}: unknown extension {ext!r}; expected .npz, .safetensors, .pth or .pt")
+    raise ConfigError(f"pretrained weights {path!r}: unknown extension {ext!r}; expected .npz, .safetensors, .pth "
+                      "or .pt")
   try:
     return readers[ext](path)
   except ImportError:
     raise
   except Exception as e:  # zipfile.BadZipFile, EOFError, pickle / JSON errors, ...
-    raise ValueError(f"pretrained weights {path!r} could not be read (truncated or corrupt?): "
-                     f"{type(e).__name__}: {e}") from e
+    raise CheckpointError(f"pretrained weights {path!r} could not be read (truncated or corrupt?): "
+                          f"{type(e).__name__}: {e}") from e
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:

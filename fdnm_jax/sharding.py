@@ -15,6 +15,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fdnm_jax.errors import ConfigError
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -29,13 +31,13 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Any = None) -> Me
   fsdp = mesh_config.fsdp
   data = mesh_config.data
   if fsdp < 1 or (data != -1 and data < 1):
-    raise ValueError(f"config.mesh: data={data}, fsdp={fsdp}: use positive sizes (data may be -1 = the rest).")
+    raise ConfigError(f"config.mesh: data={data}, fsdp={fsdp}: use positive sizes (data may be -1 = the rest).")
   if data == -1:
     if n % fsdp:
-      raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the {n} available devices.")
+      raise ConfigError(f"config.mesh.fsdp={fsdp} does not divide the {n} available devices.")
     data = n // fsdp
   if data * fsdp != n:
-    raise ValueError(
+    raise ConfigError(
         f"config.mesh: data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available; "
         "set config.mesh.data=-1 to use the rest.")
   auto = jax.sharding.AxisType.Auto

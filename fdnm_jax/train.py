@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from etils import epath
 
 from fdnm_jax import checkpoints, distributed, losses, optim, pretrained, sharding
+from fdnm_jax.errors import ConfigError, NonFiniteLossError, WorkdirError
 from fdnm_jax.evaluation import evaluator
 from fdnm_jax.models.fdnm import fdnm_from_config
 from input_pipeline import pipeline, sources
@@ -41,10 +42,6 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-
-
-class NonFiniteLossError(FloatingPointError):
-  """A loss term became NaN or infinite."""
 
 
 class Preempted(Exception):
@@ -162,7 +159,7 @@ def ensure_writable_dir(path: str) -> None:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise PermissionError(
+    raise WorkdirError(
         f"workdir {path!r} is not a writable folder ({e.__class__.__name__}: {e.strerror or e}). "
         "Choose another --workdir or fix its permissions.") from e
 
@@ -310,8 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   global_pk = config.input.num_ids_per_batch * config.input.num_instances
   if global_pk % sharding.num_batch_shards(mesh):
-    raise ValueError(f"P*K = {global_pk} images per modality do not split over the {sharding.num_batch_shards(mesh)} "
-                     "batch shards of the mesh: change config.input.num_ids_per_batch/num_instances or config.mesh.")
+    raise ConfigError(f"P*K = {global_pk} images per modality do not split over the {sharding.num_batch_shards(mesh)} "
+                      "batch shards of the mesh: change config.input.num_ids_per_batch/num_instances or config.mesh.")
   run = build_run(config, workdir, mesh)
   source = run.source
   logging.info("%s: %d train ids, %d visible + %d infrared train images; %d steps/epoch, %d steps; mesh %s",

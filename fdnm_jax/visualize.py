@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from fdnm_jax import inference, sharding, train
+from fdnm_jax.errors import FlagError
 from fdnm_jax.evaluation import evaluator, metrics, protocols
 from fdnm_jax.plots import distances as dist_plots
 from fdnm_jax.plots import ranklist, tsne
@@ -54,18 +55,18 @@ def parse_queries(spec: str, num_queries: int) -> np.ndarray:
   try:
     values = [int(v) for v in text.split(",") if v.strip()]
   except ValueError:
-    raise ValueError(f"--queries={spec!r}: give a count n or comma-separated query positions (0,5,9).") from None
+    raise FlagError(f"--queries={spec!r}: give a count n or comma-separated query positions (0,5,9).") from None
   if not values:
-    raise ValueError(f"--queries={spec!r}: give a count n or comma-separated query positions (0,5,9).")
+    raise FlagError(f"--queries={spec!r}: give a count n or comma-separated query positions (0,5,9).")
   if "," not in text:
     n = values[0]
     if n < 1:
-      raise ValueError(f"--queries={spec!r}: the count must be at least 1.")
+      raise FlagError(f"--queries={spec!r}: the count must be at least 1.")
     return np.unique(np.linspace(0, num_queries - 1, min(n, num_queries)).round().astype(np.int64))
   bad = [v for v in values if not 0 <= v < num_queries]
   if bad:
-    raise ValueError(f"--queries={spec!r}: positions {bad} outside 0..{num_queries - 1} (the setting has "
-                     f"{num_queries} queries).")
+    raise FlagError(f"--queries={spec!r}: positions {bad} outside 0..{num_queries - 1} (the setting has "
+                    f"{num_queries} queries).")
   return np.asarray(values, np.int64)
 
 

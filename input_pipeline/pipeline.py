@@ -12,12 +12,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
+from fdnm_jax.errors import ConfigError, DataError, MissingFileError
 from input_pipeline import augment
 from input_pipeline.datasets.image_set import ImageSet
 from input_pipeline.sampling import CrossModalitySampler
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DataError):
   """An image file that cannot be read or decoded; the message names the file."""
 
 
@@ -70,7 +71,7 @@ def decode_bytes(data: tf.Tensor) -> tf.Tensor:
 def check_image(path: str) -> None:
   """Raises ImageDecodeError (or FileNotFoundError) naming `path` if it cannot be read and decoded."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"Image file {path} not found: restore it or remove it from the data set's list files.")
+    raise MissingFileError(f"Image file {path} not found: restore it or remove it from the data set's list files.")
   try:
     decode(tf.constant(path))
   except tf.errors.OpError as e:
@@ -110,9 +111,9 @@ def train_batches(visible: ImageSet, infrared: ImageSet, input_config: Any, *, s
   sampler = CrossModalitySampler(visible.labels, infrared.labels, c.num_ids_per_batch, c.num_instances, seed)
   global_size = sampler.batch_size
   if global_size % process_count:
-    raise ValueError(f"The global batch of P*K = {c.num_ids_per_batch}*{c.num_instances} = {global_size} images "
-                     f"per modality does not split over {process_count} processes: make "
-                     "config.input.num_ids_per_batch * num_instances a multiple of the process count.")
+    raise ConfigError(f"The global batch of P*K = {c.num_ids_per_batch}*{c.num_instances} = {global_size} images "
+                      f"per modality does not split over {process_count} processes: make "
+                      "config.input.num_ids_per_batch * num_instances a multiple of the process count.")
   local = global_size // process_count
   lo = process_index * local
   label_map = train_label_map(visible, infrared)
@@ -184,8 +185,8 @@ def eval_batches(image_set: ImageSet, input_config: Any, batch_size: int, *, pro
   c = input_config
   _check_process(process_index, process_count)
   if batch_size < 1 or batch_size % process_count:
-    raise ValueError(f"The eval batch size {batch_size} must be a positive multiple of the process count "
-                     f"{process_count} (config.input.eval_batch_size).")
+    raise ConfigError(f"The eval batch size {batch_size} must be a positive multiple of the process count "
+                      f"{process_count} (config.input.eval_batch_size).")
   n = len(image_set)
   local = batch_size // process_count
   num_batches = math.ceil(n / batch_size)

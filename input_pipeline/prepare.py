@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import tensorflow_datasets as tfds
 
+from fdnm_jax.errors import FdnmError
 from input_pipeline.datasets import casia_builder, tfds_builders
 
 # --dataset -> builder class (every subclass of tfds_builders.ReIdBuilder that has a prepare entry).
@@ -84,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   splits = [int(t) for t in args.splits.split(",") if t.strip()]
   try:
     prepare(args.dataset, args.manual_dir, args.data_dir, splits, args.skip_corrupt)
-  except (FileNotFoundError, ValueError) as e:
+  except FdnmError as e:  # the user's input: one line; anything else keeps its traceback.
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

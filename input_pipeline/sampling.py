@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 
+from fdnm_jax.errors import ConfigError, DataError
+
 
 class CrossModalitySampler:
   """Which images make up each training batch (FDNM_SPEC.md §3, DEEN's IdentitySampler).
@@ -25,10 +27,10 @@ class CrossModalitySampler:
       ValueError: P or K < 1, a negative seed, or fewer than P identities shared by both modalities.
     """
     if num_ids_per_batch < 1 or num_instances < 1:
-      raise ValueError(f"The sampler needs num_ids_per_batch >= 1 and num_instances >= 1, got "
-                       f"{num_ids_per_batch} and {num_instances} (config.input).")
+      raise ConfigError(f"The sampler needs num_ids_per_batch >= 1 and num_instances >= 1, got "
+                        f"{num_ids_per_batch} and {num_instances} (config.input).")
     if seed < 0:
-      raise ValueError(f"The sampler seed must be >= 0, got {seed} (config.seed).")
+      raise ConfigError(f"The sampler seed must be >= 0, got {seed} (config.seed).")
     self._vis = np.asarray(visible_labels).reshape(-1)
     self._ir = np.asarray(infrared_labels).reshape(-1)
     self.num_ids_per_batch = int(num_ids_per_batch)
@@ -36,7 +38,7 @@ class CrossModalitySampler:
     self.seed = int(seed)
     self.identities = np.intersect1d(self._vis, self._ir)  # sorted ascending
     if len(self.identities) < self.num_ids_per_batch:
-      raise ValueError(
+      raise DataError(
           f"Only {len(self.identities)} identities have both visible and infrared training images, fewer than "
           f"num_ids_per_batch={self.num_ids_per_batch}: lower config.input.num_ids_per_batch or check the data "
           "set's train lists.")

@@ -23,6 +23,7 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
+from fdnm_jax.errors import ConfigError
 from input_pipeline.datasets import casia_builder, llcm, regdb, synthetic, sysu, tfds_builders
 from input_pipeline.datasets.image_set import ImageSet
 
@@ -98,16 +99,16 @@ def _prepared_source(config: ml_collections.ConfigDict) -> DataSource:
                                            f"split_{int(config.data.trial)}" if builder == "regdb" else None)
   prepared = tfds_builders.read_prepared(data_dir)
   if prepared.name not in PREPARED:
-    raise ValueError(f"config.data.data_dir={config.data.data_dir} holds data set {prepared.name!r}, which has no "
-                     f"registry entry: use one of {sorted(PREPARED)}.")
+    raise ConfigError(f"config.data.data_dir={config.data.data_dir} holds data set {prepared.name!r}, which has no "
+                      f"registry entry: use one of {sorted(PREPARED)}.")
   name, protocol, keys, directions = PREPARED[prepared.name]
   if config.dataset != name:
-    raise ValueError(f"config.data.data_dir={config.data.data_dir} holds {prepared.name!r} but config.dataset is "
-                     f"{config.dataset!r}: use --config=configs/{name}.py or point data_dir at a {name} set.")
+    raise ConfigError(f"config.data.data_dir={config.data.data_dir} holds {prepared.name!r} but config.dataset is "
+                      f"{config.dataset!r}: use --config=configs/{name}.py or point data_dir at a {name} set.")
   split = prepared.metadata.get("split")
   if name == "regdb" and split is not None and int(split) != int(config.data.trial):
-    raise ValueError(f"config.data.data_dir={config.data.data_dir} is RegDB split {split} but config.data.trial is "
-                     f"{config.data.trial}: pass --config.data.trial={split} or the split_{config.data.trial} folder.")
+    raise ConfigError(f"config.data.data_dir={config.data.data_dir} is RegDB split {split} but config.data.trial is "
+                      f"{config.data.trial}: pass --config.data.trial={split} or the split_{config.data.trial} folder.")
   sets = {key: prepared.image_set(*where) for key, where in keys.items()}
   extras = {"rand_perm_cam": prepared.metadata["rand_perm_cam"]} if prepared.metadata.get("rand_perm_cam") else {}
   return dataclasses.replace(_source(name, protocol, sets, "infrared", directions), extras=extras)
@@ -124,8 +125,8 @@ def hold_out_validation(source: DataSource, num_val_ids: int) -> DataSource:
     return source
   shared = np.intersect1d(source.train_visible.labels, source.train_infrared.labels)
   if num_val_ids < 0 or num_val_ids >= len(shared):
-    raise ValueError(f"config.data.num_val_ids={num_val_ids}: need 0 <= num_val_ids < {len(shared)} (the training "
-                     "identities with visible and infrared images).")
+    raise ConfigError(f"config.data.num_val_ids={num_val_ids}: need 0 <= num_val_ids < {len(shared)} (the training "
+                      "identities with visible and infrared images).")
   held = shared[-num_val_ids:]
   parts = {}
   for key, s in (("visible", source.train_visible), ("infrared", source.train_infrared)):
@@ -195,17 +196,17 @@ def _load(config: ml_collections.ConfigDict, workdir: str) -> DataSource:
     return _regdb_like("synthetic", root, config.data.trial)
   if name == "regdb":
     if not config.data.root:
-      raise ValueError("config.dataset='regdb' needs the downloaded RegDB folder: "
-                       "pass --config.data.root=/path/to/RegDB (it holds Visible/, Thermal/, idx/).")
+      raise ConfigError("config.dataset='regdb' needs the downloaded RegDB folder: "
+                        "pass --config.data.root=/path/to/RegDB (it holds Visible/, Thermal/, idx/).")
     return _regdb_like("regdb", config.data.root, config.data.trial)
   if name == "sysu":
     if not config.data.root:
-      raise ValueError("config.dataset='sysu' needs the downloaded SYSU-MM01 folder: "
-                       "pass --config.data.root=/path/to/SYSU-MM01 (it holds cam1/ .. cam6/, exp/).")
+      raise ConfigError("config.dataset='sysu' needs the downloaded SYSU-MM01 folder: "
+                        "pass --config.data.root=/path/to/SYSU-MM01 (it holds cam1/ .. cam6/, exp/).")
     return _sysu_source(config.data.root)
   if name == "llcm":
     if not config.data.root:
-      raise ValueError("config.dataset='llcm' needs the downloaded LLCM folder: "
-                       "pass --config.data.root=/path/to/LLCM (it holds idx/, vis/, nir/, test_vis/, test_nir/).")
+      raise ConfigError("config.dataset='llcm' needs the downloaded LLCM folder: "
+                        "pass --config.data.root=/path/to/LLCM (it holds idx/, vis/, nir/, test_vis/, test_nir/).")
     return _llcm_source(config.data.root)
-  raise ValueError(f"config.dataset={name!r} is unknown: use one of {', '.join(KNOWN_DATASETS)}.")
+  raise ConfigError(f"config.dataset={name!r} is unknown: use one of {', '.join(KNOWN_DATASETS)}.")

@@ -13,6 +13,7 @@ import pytest
 
 from fdnm_jax import train
 from fdnm_jax.evaluation import eval_mode, protocols
+from tests import subprocesses
 from tests.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +140,7 @@ def test_allow_untrained_with_re_ranking_marks_every_report(tmp_path, capsys):
 
 
 def _main(*args):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = subprocesses.env(devices=1)
   return subprocess.run([sys.executable, os.path.join(REPO, "main.py"),
                          f"--config={os.path.join(REPO, 'tests', 'configs', 'tiny.py')}", *args],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -17,6 +17,7 @@ import pytest
 
 from fdnm_jax import inference, sharding, train
 from fdnm_jax.evaluation import eval_mode, evaluator
+from tests import subprocesses
 from tests.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +60,7 @@ def test_main_extract_writes_features_equal_to_the_evaluator_rows_in_list_order(
   rel = [os.path.join("ir", *infrared.paths[i].split(os.sep)[-2:]) for i in order]
   (tmp_path / "list.txt").write_text("# my crops\n" + "\n".join(rel[:5]) + "\n\n" + "\n".join(rel[5:]) + "\n")
   out = tmp_path / "feats"
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = subprocesses.env(devices=1)
   proc = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--mode=extract", f"--workdir={workdir}",
                          f"--images={tmp_path / 'list.txt'}", "--modality=infrared", f"--out={out}"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

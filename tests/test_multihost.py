@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from fdnm_jax import distributed
+from tests import subprocesses
 from tests.test_sharding import NON_CHAOTIC
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,9 +55,7 @@ def overrides(data_root):
 
 def env_with(devices, **extra):
   # Fewer XLA CPU optimisations: faster compiles, the same for every run compared here.
-  return dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-              JAX_DISABLE_MOST_OPTIMIZATIONS="1", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              **extra)
+  return subprocesses.env(devices, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1", **extra)
 
 
 def rows(workdir):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fdnm_jax import train
+from tests import subprocesses
 from tests.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +37,7 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_restart_matches_an_unint
   train.train_and_evaluate(tiny.get_config(), reference)
 
   workdir = str(tmp_path / "preempted")
-  env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = subprocesses.env(devices=1)
   # No periodic checkpoints (only the final one and the preemption's); an evaluation after step 2 holds the
   # run for seconds, so the signal sent once step 2 is logged lands before the last step.
   cmd = [sys.executable, "main.py", f"--config={TINY}", f"--workdir={workdir}", "--config.checkpoint.every_steps=0",

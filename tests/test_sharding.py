@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from fdnm_jax import sharding
+from tests import subprocesses
 
 
 def _mesh_config(data, fsdp):
@@ -151,8 +152,7 @@ def test_one_eight_and_data4_fsdp2_devices_agree_and_an_8_device_checkpoint_cont
   data=4 x fsdp=2 (the setting of `non_chaotic_config` says why these runs can be compared at all); with fsdp=2
   the kernels of >= 1024 elements and their momentum are split in halves; a checkpoint written on 8 devices
   after step 1 restores onto 1 device and its steps 2-3 log the 8-device run's losses."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", TF_CPP_MIN_LOG_LEVEL="3",
-             JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = subprocesses.env(8, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   code = f"from tests import test_sharding; test_sharding._child({str(tmp_path)!r})"
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=900)

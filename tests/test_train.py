@@ -15,20 +15,14 @@ import numpy as np
 import pytest
 
 from fdnm_jax import train
+from tests import subprocesses
 from tests.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "tests", "configs", "tiny.py")
 
 
-def run_main(workdir, *overrides, devices=1, check=True, timeout=600):
-  env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  cmd = [sys.executable, os.path.join(REPO, "main.py"), f"--config={TINY}", f"--workdir={workdir}", *overrides]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-  return proc
+run_main = subprocesses.run_main
 
 
 def read_jsonl(path):
@@ -89,7 +83,7 @@ def test_rerun_of_a_finished_workdir_does_not_train_again(trained):
 def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted_run(trained, tmp_path):
   reference, _ = trained
   workdir = str(tmp_path / "killed")
-  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = subprocesses.env(devices=1)
   # An evaluation right after the step-2 checkpoint holds the run there for a few seconds: the kill
   # lands after that checkpoint and before the end (evaluation does not change the training trajectory).
   proc = subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"), f"--config={TINY}",

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 from fdnm_jax import checkpoints, sharding, train
+from fdnm_jax.errors import FlagError, MissingFileError
 from fdnm_jax.evaluation import evaluator, protocols, published
 from fdnm_jax.progress import Progress
 
@@ -49,22 +50,22 @@ def resolve_checkpoint(workdir: str, checkpoint: Optional[str]) -> tuple[Optiona
   if text.isdigit():
     steps = _steps(checkpoints.checkpoint_dir(workdir))
     if int(text) not in steps:
-      raise FileNotFoundError(f"--checkpoint={text}: no step {int(text)} under {checkpoints.checkpoint_dir(workdir)} "
-                              f"(steps there: {steps or 'none'}). Pick one of those steps or a checkpoint folder.")
+      raise MissingFileError(f"--checkpoint={text}: no step {int(text)} under {checkpoints.checkpoint_dir(workdir)} "
+                             f"(steps there: {steps or 'none'}). Pick one of those steps or a checkpoint folder.")
     return workdir, int(text)
   folder = os.path.abspath(text.rstrip("/"))
   if not os.path.isdir(folder):
-    raise FileNotFoundError(f"--checkpoint={text}: folder {folder} does not exist. Pass a step number of "
-                            f"{checkpoints.checkpoint_dir(workdir)} or a folder <workdir>/checkpoints/<step>.")
+    raise MissingFileError(f"--checkpoint={text}: folder {folder} does not exist. Pass a step number of "
+                           f"{checkpoints.checkpoint_dir(workdir)} or a folder <workdir>/checkpoints/<step>.")
   parent, step = os.path.split(folder)
   if not step.isdigit() or os.path.basename(parent) != "checkpoints":
-    raise ValueError(f"--checkpoint={text}: expected a step number or a folder <workdir>/checkpoints/<step> "
-                     f"(as training writes them), got {folder}.")
+    raise FlagError(f"--checkpoint={text}: expected a step number or a folder <workdir>/checkpoints/<step> "
+                    f"(as training writes them), got {folder}.")
   return os.path.dirname(parent), int(step)
 
 
-def _no_checkpoint_error(workdir: str, checkpoint: Optional[str]) -> FileNotFoundError:
-  return FileNotFoundError(
+def _no_checkpoint_error(workdir: str, checkpoint: Optional[str]) -> MissingFileError:
+  return MissingFileError(
       f"no checkpoint to evaluate under {checkpoints.checkpoint_dir(workdir)}"
       f"{'' if checkpoint is None else f' (--checkpoint={checkpoint})'}: train first "
       f"(python main.py --mode=train with the same --config and --workdir), or pass --allow_untrained to evaluate "

@@ -39,6 +39,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from absl import logging
 
+from fdnm_jax.errors import ConfigError, DataError
+
 FARS = (0.01, 0.001)  # the false accept rates of the reported verification rates (1 %, 0.1 %).
 METRICS = ("rank1", "vr_far_1", "vr_far_0_1")  # report keys, percent.
 LABELS = {"rank1": "Rank-1", "vr_far_1": "VR@FAR=1%", "vr_far_0_1": "VR@FAR=0.1%"}  # table headers.
@@ -86,8 +88,8 @@ def verification_rate(genuine: Any, impostor: Any, far: float) -> float:
   if not 0.0 <= far <= 1.0:
     raise ValueError(f"far={far}: a false accept rate is a fraction in [0, 1] (0.001 = 0.1 %)")
   if len(genuine) == 0 or len(impostor) == 0:
-    raise ValueError(f"VR@FAR needs genuine and impostor pairs, got {len(genuine)} genuine and {len(impostor)} "
-                     "impostor scores (a fold needs at least two gallery subjects with probes)")
+    raise DataError(f"VR@FAR needs genuine and impostor pairs, got {len(genuine)} genuine and {len(impostor)} "
+                    "impostor scores (a fold needs at least two gallery subjects with probes)")
   allowed = int(math.floor(far * len(impostor) + _TOLERANCE))
   if allowed >= len(impostor):
     return 1.0
@@ -136,8 +138,8 @@ def score_fold(probe_emb: Any, probe_labels: Any, gallery_emb: Any, gallery_labe
   ranks = subject_ranks(scores, probe_labels, gallery_labels)
   found = ranks[ranks > 0]
   if len(found) == 0:
-    raise ValueError(f"no probe's subject is in the gallery ({len(probe_labels)} probes, "
-                     f"{len(np.unique(gallery_labels))} gallery subjects): check the fold's gallery/probe lists")
+    raise DataError(f"no probe's subject is in the gallery ({len(probe_labels)} probes, "
+                    f"{len(np.unique(gallery_labels))} gallery subjects): check the fold's gallery/probe lists")
   cmc = np.array([np.mean(found <= k) for k in range(1, max_rank + 1)], np.float64)
   genuine, impostor = genuine_impostor(scores, probe_labels, gallery_labels)
   row = {"rank1": 100.0 * float(np.mean(found == 1))}
@@ -178,8 +180,8 @@ def run_face_setting(source: Any, embeddings_by_set: Mapping[str, np.ndarray], s
     "protocol", "shot", "query_cameras", "gallery_cameras"}.
   """
   if rerank is not None:
-    raise ValueError("re-ranking is not part of the face protocol: set config.evals.rerank=False for "
-                     f"data source {source.name!r}")
+    raise ConfigError("re-ranking is not part of the face protocol: set config.evals.rerank=False for "
+                      f"data source {source.name!r}")
   train_ids = set(source.train_visible.labels.tolist()) | set(source.train_infrared.labels.tolist())
   per_fold = []
   for fold in setting.trials:
@@ -211,7 +213,7 @@ def folds_of(config: Any) -> tuple[int, ...]:
   """The folds a run scores: config.evals.face_folds, or () = the trained fold config.data.fold."""
   folds = tuple(int(f) for f in (config.evals.face_folds or (config.data.fold,)))
   if len(set(folds)) != len(folds):
-    raise ValueError(f"config.evals.face_folds={folds} lists a fold twice")
+    raise ConfigError(f"config.evals.face_folds={folds} lists a fold twice")
   return folds
 
 
@@ -232,20 +234,20 @@ def fold_numbers(report: Mapping[str, Any], config: Optional[Any] = None) -> dic
       trials = row["per_trial"]
     else:
       if row.get("trials") != 1:
-        raise ValueError(f"report {report.get('name')!r}, setting {name!r}: the run scored {row.get('trials')} folds "
-                         "and its training report keeps only their mean: use its eval-mode report "
-                         "(python main.py --mode=eval ..., results/eval_<name>_step<step>.json)")
+        raise DataError(f"report {report.get('name')!r}, setting {name!r}: the run scored {row.get('trials')} folds "
+                        "and its training report keeps only their mean: use its eval-mode report "
+                        "(python main.py --mode=eval ..., results/eval_<name>_step<step>.json)")
       if config is None:
-        raise ValueError(f"report {report.get('name')!r}, setting {name!r}: a training report does not say its "
-                         "fold: keep the run's config.json beside results/ (or use the eval-mode report)")
+        raise DataError(f"report {report.get('name')!r}, setting {name!r}: a training report does not say its "
+                        "fold: keep the run's config.json beside results/ (or use the eval-mode report)")
       evals, data = (config["evals"], config["data"]) if isinstance(config, Mapping) else (config.evals, config.data)
       face_folds = evals["face_folds"] if isinstance(evals, Mapping) else evals.face_folds
       fold = data["fold"] if isinstance(data, Mapping) else data.fold
       trials = [{"trial": int((tuple(face_folds) or (fold,))[0]), **row}]
     for t in trials:
       if not all(k in t for k in METRICS):
-        raise ValueError(f"report {report.get('name')!r}, setting {name!r}: no face numbers ({', '.join(METRICS)}); "
-                         "is it a casia_nir_vis run?")
+        raise DataError(f"report {report.get('name')!r}, setting {name!r}: no face numbers ({', '.join(METRICS)}); "
+                        "is it a casia_nir_vis run?")
       out.setdefault(name, {})[int(t["trial"])] = {k: float(t[k]) for k in METRICS}
   return out
 
@@ -264,10 +266,10 @@ def aggregate_folds(per_report: Sequence[Mapping[str, Mapping[int, Mapping[str, 
     for name, folds in numbers.items():
       for fold, values in folds.items():
         if fold in merged.setdefault(name, {}):
-          raise ValueError(f"setting {name!r}: fold {fold} is scored by more than one report")
+          raise DataError(f"setting {name!r}: fold {fold} is scored by more than one report")
         merged[name][fold] = values
   if not merged:
-    raise ValueError("aggregate_folds: no face numbers to aggregate")
+    raise DataError("aggregate_folds: no face numbers to aggregate")
   out = {}
   for name, folds in merged.items():
     order = sorted(folds)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fdnm_jax.errors import DataError
+
 PROTOCOLS = ("sysu", "regdb", "llcm")
 _REMOVED = np.iinfo(np.int32).max  # order key of a removed gallery item: after every distance, NaN included.
 _NAN_KEY = 0x7FC00000  # order key of every NaN distance: after +inf (NumPy sorts NaN last).
@@ -326,8 +328,8 @@ def compute_metrics(distmat: Any, q_pids: Any, g_pids: Any, q_camids: Any, g_cam
   per_query = _score_queries(distmat, q_ident, q_camids.astype(np.int32), gallery, protocol, query_chunk)
   valid = per_query["num_matches"] > 0
   if not valid.any():
-    raise ValueError(f"no query has a true match left in the gallery under protocol {protocol!r}: every query "
-                     "pid is absent from g_pids or all its gallery images are removed by the protocol")
+    raise DataError(f"no query has a true match left in the gallery under protocol {protocol!r}: every query "
+                    "pid is absent from g_pids or all its gallery images are removed by the protocol")
   first_rank = per_query["first_rank"][valid]
   cmc = (first_rank[:, None] <= np.arange(1, max_rank + 1)[None, :]).mean(axis=0, dtype=np.float64)
   return {"cmc": cmc, "mAP": float(per_query["ap"][valid].astype(np.float64).mean()),

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fdnm_jax.errors import ConfigError, DataError, MissingFileError
 from fdnm_jax.evaluation import face
 from fdnm_jax.evaluation.metrics import compute_metrics, pairwise_distance
 from fdnm_jax.evaluation.reranking import re_ranking
@@ -234,12 +235,12 @@ def settings_for(source: DataSource, config: ml_collections.ConfigDict) -> tuple
   if source.protocol == "sysu":
     sampling = (config.get("evals") or {}).get("sysu_gallery_sampling", "seeded")
     if sampling not in ("seeded", "official"):
-      raise ValueError(f"config.evals.sysu_gallery_sampling={sampling!r}: use 'seeded' or 'official'.")
+      raise ConfigError(f"config.evals.sysu_gallery_sampling={sampling!r}: use 'seeded' or 'official'.")
     rand_perm = None
     if sampling == "official":
       rand_perm = source.extras.get("rand_perm_cam")
       if rand_perm is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             "config.evals.sysu_gallery_sampling='official' needs SYSU-MM01's exp/rand_perm_cam.mat: copy "
             "evaluation/data_split/rand_perm_cam.mat of https://github.com/wuancong/SYSU-MM01 into <root>/exp/ (and "
             "prepare the set again if you use config.data.data_dir), or set it to 'seeded'.")
@@ -290,8 +291,8 @@ def run_setting(source: DataSource, embeddings_by_set: Mapping[str, np.ndarray],
   q_emb, g_emb = np.asarray(embeddings_by_set[setting.query]), np.asarray(embeddings_by_set[setting.gallery])
   q_idx = query_indices(setting, q)
   if len(q_idx) == 0:
-    raise ValueError(f"setting {setting.name!r}: no image of test set {setting.query!r} is on the query cameras "
-                     f"{setting.query_cameras} (its cameras: {sorted(set(q.cameras.tolist()))})")
+    raise DataError(f"setting {setting.name!r}: no image of test set {setting.query!r} is on the query cameras "
+                    f"{setting.query_cameras} (its cameras: {sorted(set(q.cameras.tolist()))})")
   dist = _distances(q_emb[q_idx], g_emb)
   q_q = _euclidean(_distances(q_emb[q_idx], q_emb[q_idx])) if rerank is not None else None
   per_trial = []

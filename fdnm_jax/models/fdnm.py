@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fdnm_jax.errors import ConfigError
 from fdnm_jax.models import frequency
 from fdnm_jax.models import resnet
 
@@ -111,14 +112,14 @@ class FDNM(nn.Module):
   def _validate(self) -> None:
     num_stages = len(self.stage_sizes)
     if not 0 <= self.anm_stage <= num_stages:
-      raise ValueError(f"model.anm_stage={self.anm_stage}: expected 0 (no ANM) or a stage in 1..{num_stages}.")
+      raise ConfigError(f"model.anm_stage={self.anm_stage}: expected 0 (no ANM) or a stage in 1..{num_stages}.")
     bad = [s for s in self.agp_stages if not 1 <= s <= num_stages]
     if bad:
-      raise ValueError(f"model.agp_stages={tuple(self.agp_stages)}: stages {bad} are not in 1..{num_stages}.")
+      raise ConfigError(f"model.agp_stages={tuple(self.agp_stages)}: stages {bad} are not in 1..{num_stages}.")
     if self.anm_keep_original and not self.anm_stage:
-      raise ValueError("model.anm_keep_original=True needs ANM: set model.anm_stage > 0.")
+      raise ConfigError("model.anm_keep_original=True needs ANM: set model.anm_stage > 0.")
     if self.num_parts < 0:
-      raise ValueError(f"model.num_parts={self.num_parts}: expected >= 0.")
+      raise ConfigError(f"model.num_parts={self.num_parts}: expected >= 0.")
     frequency.check_spectral_transform(self.spectral_transform)
 
   def _bnneck(self, name: str, train: bool) -> nn.BatchNorm:
@@ -173,7 +174,7 @@ class FDNM(nn.Module):
     global_feats = [_pool(m) for m in branches]
     height = original.shape[1]
     if self.num_parts > height:
-      raise ValueError(f"model.num_parts={self.num_parts} exceeds the final map height {height}.")
+      raise ConfigError(f"model.num_parts={self.num_parts} exceeds the final map height {height}.")
     part_feats = [[_pool(m[:, start:end]) for m in branches]
                   for start, end in stripe_bounds(height, self.num_parts)]
 
@@ -213,7 +214,7 @@ def fdnm_from_config(model_config: ml_collections.ConfigDict, num_classes: int) 
     num_classes: training identities.
   """
   if model_config.dtype not in DTYPES:
-    raise ValueError(f"model.dtype={model_config.dtype!r}: expected one of {sorted(DTYPES)}.")
+    raise ConfigError(f"model.dtype={model_config.dtype!r}: expected one of {sorted(DTYPES)}.")
   model = FDNM(
       num_classes=num_classes,
       stage_sizes=tuple(model_config.stage_sizes),

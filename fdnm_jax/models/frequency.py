@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdnm_jax.errors import ConfigError
 from fdnm_jax.models import linear
 
 Dtype = Any
@@ -45,7 +46,7 @@ torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in"
 def check_spectral_transform(transform: str) -> None:
   """Raises ValueError naming `model.spectral_transform` unless `transform` is one of SPECTRAL_TRANSFORMS."""
   if transform not in SPECTRAL_TRANSFORMS:
-    raise ValueError(f"model.spectral_transform={transform!r}: expected one of {SPECTRAL_TRANSFORMS}.")
+    raise ConfigError(f"model.spectral_transform={transform!r}: expected one of {SPECTRAL_TRANSFORMS}.")
 
 
 def rfft2(x: jax.Array, transform: str = "fft") -> tuple[jax.Array, jax.Array]:
@@ -207,7 +208,7 @@ class AGP(nn.Module):
     """Applies AGP to x [B, H, W, C] (any float dtype); returns [B, H, W, C] in x.dtype."""
     _, height, width, channels = x.shape
     if channels % self.groups:
-      raise ValueError(f"AGP: {channels} channels are not divisible by agp_groups={self.groups}.")
+      raise ConfigError(f"AGP: {channels} channels are not divisible by agp_groups={self.groups}.")
     re, im = rfft2(x, self.transform)
     amplitude, phase, _, _ = polar(re, im)
     mean_amplitude = jnp.mean(amplitude, axis=(1, 2))

@@ -7,6 +7,7 @@ L2-normalised embeddings; perplexity = min(config.visualize.tsne_perplexity, (n 
 
 import numpy as np
 
+from fdnm_jax.errors import DataError
 from fdnm_jax.plots.common import DPI, MODALITY_SHORT, plt, save
 
 SIZE = 7.0  # inches, square figure.
@@ -23,7 +24,7 @@ def embed_2d(x: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
   from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top  (only the visualize mode needs it)
   x = np.asarray(x, np.float64)
   if len(x) < 4:
-    raise ValueError(f"t-SNE needs at least 4 points, got {len(x)}")
+    raise DataError(f"t-SNE needs at least 4 points, got {len(x)}")
   x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
   perplexity = float(min(perplexity, (len(x) - 1) / 3.0))
   return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)

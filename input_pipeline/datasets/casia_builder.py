@@ -15,6 +15,7 @@ prepared folder is `<data_dir>/casia_nir_vis/fold_<k>/1.0.0`, read back by `read
 import numpy as np
 import tensorflow_datasets as tfds
 
+from fdnm_jax.errors import ConfigError
 from input_pipeline.datasets import casia_nir_vis, tfds_builders
 from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
 
@@ -74,12 +75,12 @@ def read_prepared_fold(data_dir: str, fold: int) -> dict[str, ImageSet]:
   """
   prepared = tfds_builders.read_prepared(data_dir)
   if prepared.name != "casia_nir_vis":
-    raise ValueError(f"config.data.data_dir={data_dir} holds data set {prepared.name!r}, not casia_nir_vis: point "
-                     "it at a folder prepared by the CasiaNirVis builder.")
+    raise ConfigError(f"config.data.data_dir={data_dir} holds data set {prepared.name!r}, not casia_nir_vis: point "
+                      "it at a folder prepared by the CasiaNirVis builder.")
   stored = prepared.metadata.get("fold")
   if stored is None or int(stored) != int(fold):
-    raise ValueError(f"config.data.data_dir={data_dir} is CASIA NIR-VIS 2.0 fold {stored} but config.data.fold is "
-                     f"{fold}: pass --config.data.fold={stored} or the fold_{fold} folder.")
+    raise ConfigError(f"config.data.data_dir={data_dir} is CASIA NIR-VIS 2.0 fold {stored} but config.data.fold is "
+                      f"{fold}: pass --config.data.fold={stored} or the fold_{fold} folder.")
   return {"train_visible": prepared.image_set("train", VISIBLE),
           "train_infrared": prepared.image_set("train", INFRARED),
           "gallery": prepared.image_set("gallery", VISIBLE), "probe": prepared.image_set("probe", INFRARED)}
@@ -99,14 +100,14 @@ def source_sets(config) -> tuple[ImageSet, ImageSet, dict[str, ImageSet]]:
   folds = tuple(casia_nir_vis.check_fold(f) for f in (tuple(config.evals.face_folds) or (fold,)))
   if config.data.get("data_dir"):
     if folds != (fold,):
-      raise ValueError(f"config.evals.face_folds={folds}: a prepared folder (config.data.data_dir) holds one fold "
-                       f"({fold}); score other folds from the download (config.data.root) or leave face_folds ().")
+      raise ConfigError(f"config.evals.face_folds={folds}: a prepared folder (config.data.data_dir) holds one fold "
+                        f"({fold}); score other folds from the download (config.data.root) or leave face_folds ().")
     by_fold = {fold: read_prepared_fold(config.data.data_dir, fold)}
   else:
     if not config.data.root:
-      raise ValueError("config.dataset='casia_nir_vis' needs the downloaded CASIA NIR-VIS 2.0 folder: pass "
-                       "--config.data.root=/path/to/NIR-VIS-2.0 (it holds s1/ .. s4/ and protocols/), or a prepared "
-                       "fold with --config.data.data_dir.")
+      raise ConfigError("config.dataset='casia_nir_vis' needs the downloaded CASIA NIR-VIS 2.0 folder: pass "
+                        "--config.data.root=/path/to/NIR-VIS-2.0 (it holds s1/ .. s4/ and protocols/), or a prepared "
+                        "fold with --config.data.data_dir.")
     options = dict(modality_suffix=config.data.modality_folder_suffix, skip_missing=config.data.skip_missing_images)
     by_fold = {fold: casia_nir_vis.read_casia_nir_vis(config.data.root, fold, **options)}
     for k in folds:

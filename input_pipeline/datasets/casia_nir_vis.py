@@ -43,6 +43,7 @@ from typing import Optional
 import numpy as np
 from absl import logging
 
+from fdnm_jax.errors import ConfigError, DataError, MissingFileError
 from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
 
 NUM_FOLDS = 10
@@ -111,7 +112,7 @@ def list_file_path(root: str, name: str, fold: int) -> str:
   protocols = resolver.child(root, PROTOCOLS_DIR)
   path = resolver.child(protocols, os.path.basename(rel)) if protocols else None
   if path is None or not os.path.isfile(path):
-    raise FileNotFoundError(f"{NAME} protocol list {rel} not found under {root}: {LAYOUT}.")
+    raise MissingFileError(f"{NAME} protocol list {rel} not found under {root}: {LAYOUT}.")
   return path
 
 
@@ -144,16 +145,16 @@ def read_protocol_list(root: str, list_path: str, modality: int, folder_prefix: 
     listed = fields[0]
     parts = [p for p in listed.replace("\\", "/").split("/") if p not in ("", ".")]
     if len(parts) < 3 or not parts[-3].upper().startswith(folder_prefix) or not parts[-2].isdigit():
-      raise ValueError(f"{list_path}, line {number}: expected an image path like s2\\{folder_prefix}\\10117\\001.jpg "
-                       f"(<session>\\{folder_prefix}\\<subject number>\\<file>), got {line.strip()!r}. Fix or "
-                       f"re-download the {NAME} protocol lists ({LAYOUT}).")
+      raise DataError(f"{list_path}, line {number}: expected an image path like s2\\{folder_prefix}\\10117\\001.jpg "
+                      f"(<session>\\{folder_prefix}\\<subject number>\\<file>), got {line.strip()!r}. Fix or "
+                      f"re-download the {NAME} protocol lists ({LAYOUT}).")
     parts[-3] += modality_suffix
     image = resolver.image(parts)
     if image is None:
       if skip_missing:
         skipped.append(listed)
         continue
-      raise FileNotFoundError(
+      raise MissingFileError(
           f"{NAME} image {listed} (listed in {rel}, line {number}) not found under {root}, also not with another "
           f"letter case or extension ({', '.join(IMAGE_EXTENSIONS)}): {LAYOUT}. Restore the file, or set "
           "config.data.skip_missing_images=True to skip (and count) listed images that are missing.")
@@ -173,8 +174,8 @@ def _keep(image_set: ImageSet, ids: np.ndarray) -> ImageSet:
 def check_fold(fold) -> int:
   """`fold` as an int in 1..10, else ValueError naming config.data.fold."""
   if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 1 <= fold <= NUM_FOLDS:
-    raise ValueError(f"{NAME} fold must be an int in 1..{NUM_FOLDS}, got {fold!r}: set config.data.fold "
-                     "(or config.evals.face_folds).")
+    raise ConfigError(f"{NAME} fold must be an int in 1..{NUM_FOLDS}, got {fold!r}: set config.data.fold "
+                      "(or config.evals.face_folds).")
   return int(fold)
 
 
@@ -182,10 +183,10 @@ def check_root(root: str) -> str:
   """The absolute data-set folder; FileNotFoundError naming it and the layout if it or protocols/ is missing."""
   root = os.path.abspath(os.fspath(root))
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"{NAME} folder {root} not found: {LAYOUT}. Set config.data.root to it.")
+    raise MissingFileError(f"{NAME} folder {root} not found: {LAYOUT}. Set config.data.root to it.")
   protocols = _Resolver(root).child(root, PROTOCOLS_DIR)
   if protocols is None or not os.path.isdir(protocols):
-    raise FileNotFoundError(f"{NAME} folder {PROTOCOLS_DIR}/ not found under {root}: {LAYOUT}.")
+    raise MissingFileError(f"{NAME} folder {PROTOCOLS_DIR}/ not found under {root}: {LAYOUT}.")
   return root
 
 
@@ -204,8 +205,8 @@ def read_fold(root: str, fold: int, parts=tuple(LIST_FILES), *, modality_suffix:
       logging.warning("%s: skipped %d image(s) of %s not found under %s (config.data.skip_missing_images), "
                       "e.g. %s", NAME, len(skipped), os.path.relpath(list_path, root), root, skipped[:3])
     if len(sets[name]) == 0:
-      raise ValueError(f"{NAME} protocol list {os.path.relpath(list_path, root)} under {root} lists no image"
-                       f"{' that exists' if skipped else ''}: {LAYOUT}.")
+      raise DataError(f"{NAME} protocol list {os.path.relpath(list_path, root)} under {root} lists no image"
+                      f"{' that exists' if skipped else ''}: {LAYOUT}.")
   return sets
 
 
@@ -229,8 +230,8 @@ def read_casia_nir_vis(root: str, fold: int, *, modality_suffix: str = "",
   both = np.intersect1d(vis.labels, nir.labels)
   one = np.setxor1d(vis.labels, nir.labels)
   if len(both) == 0:
-    raise ValueError(f"{NAME} fold {fold}: no training subject has both VIS and NIR images in "
-                     f"protocols/vis_train_{fold}.txt and nir_train_{fold}.txt: {LAYOUT}.")
+    raise DataError(f"{NAME} fold {fold}: no training subject has both VIS and NIR images in "
+                    f"protocols/vis_train_{fold}.txt and nir_train_{fold}.txt: {LAYOUT}.")
   if len(one):
     logging.warning("%s fold %d: %d training subject(s) have images of only one modality and are left out of "
                     "training (the sampler needs both): %s", NAME, fold, len(one), one[:10].tolist())

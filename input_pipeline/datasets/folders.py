@@ -7,6 +7,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from fdnm_jax.errors import DataError, MissingFileError
 from input_pipeline.datasets.image_set import ImageSet
 
 # The published counts (FDNM_SPEC.md §5). SYSU-MM01 (Wu et al. 2017, and the output of AGW's pre_process_sysu):
@@ -32,19 +33,19 @@ def read_id_file(path: str, what: str = "id file") -> list[int]:
     lines = [line.strip() for line in f.read().splitlines()]
   lines = [line for line in lines if line]
   if len(lines) != 1:
-    raise ValueError(f"{what} {path}: expected one line of comma-separated person ids, got {len(lines)} non-empty "
-                     "lines. Fix or re-download the file.")
+    raise DataError(f"{what} {path}: expected one line of comma-separated person ids, got {len(lines)} non-empty "
+                    "lines. Fix or re-download the file.")
   ids = []
   for token in lines[0].split(","):
     token = token.strip()
     if not re.fullmatch(r"\d+", token):
-      raise ValueError(f"{what} {path}: {token!r} is not a non-negative integer person id (expected one line like "
-                       "'1,2,4,5'). Fix or re-download the file.")
+      raise DataError(f"{what} {path}: {token!r} is not a non-negative integer person id (expected one line like "
+                      "'1,2,4,5'). Fix or re-download the file.")
     ids.append(int(token))
   repeated = sorted({i for i in ids if ids.count(i) > 1})
   if repeated:
-    raise ValueError(f"{what} {path}: person ids {repeated[:10]} are listed more than once. Fix or re-download "
-                     "the file.")
+    raise DataError(f"{what} {path}: person ids {repeated[:10]} are listed more than once. Fix or re-download "
+                    "the file.")
   return ids
 
 
@@ -119,12 +120,12 @@ def read_list_file(root: str, rel: str, modality: int, dataset: str, layout: str
       if not fields:
         continue
       if len(fields) != 2 or not re.fullmatch(r"\d+", fields[1]):
-        raise ValueError(f"{path}, line {number}: expected '<relative image path> <non-negative integer label>', "
-                         f"got {line.rstrip()!r}. Fix or re-download the {dataset} list files.")
+        raise DataError(f"{path}, line {number}: expected '<relative image path> <non-negative integer label>', "
+                        f"got {line.rstrip()!r}. Fix or re-download the {dataset} list files.")
       image = os.path.normpath(os.path.join(root, fields[0]))
       if not os.path.isfile(image):
-        raise FileNotFoundError(f"{dataset} image {fields[0]} (listed in {rel}, line {number}) not found under "
-                                f"{root}: {layout}")
+        raise MissingFileError(f"{dataset} image {fields[0]} (listed in {rel}, line {number}) not found under "
+                               f"{root}: {layout}")
       paths.append(image)
       labels.append(int(fields[1]))
       cameras.append(camera_of(fields[0]))

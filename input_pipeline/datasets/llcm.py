@@ -24,6 +24,7 @@ import os
 import re
 from typing import Mapping
 
+from fdnm_jax.errors import MissingFileError
 from input_pipeline.datasets import folders
 from input_pipeline.datasets.folders import image_set_counts, read_id_file
 from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
@@ -68,14 +69,14 @@ def read_llcm(root: str) -> dict[str, ImageSet]:
   """
   root = os.path.abspath(os.fspath(root))
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"LLCM folder {root} not found: {_LAYOUT}\nSet config.data.root to it.")
+    raise MissingFileError(f"LLCM folder {root} not found: {_LAYOUT}\nSet config.data.root to it.")
   for rel in (*TRAIN_LISTS.values(), TEST_ID_FILE):
     if not os.path.isfile(os.path.join(root, rel)):
-      raise FileNotFoundError(f"LLCM list file {rel} not found under {root}: {_LAYOUT}")
+      raise MissingFileError(f"LLCM list file {rel} not found under {root}: {_LAYOUT}")
   for folder, cameras in TEST_FOLDERS.values():
     for cam in cameras:
       if not os.path.isdir(os.path.join(root, folder, f"cam{cam}")):
-        raise FileNotFoundError(f"LLCM test camera folder {folder}/cam{cam}/ not found under {root}: {_LAYOUT}")
+        raise MissingFileError(f"LLCM test camera folder {folder}/cam{cam}/ not found under {root}: {_LAYOUT}")
   sets = {}
   for kind, modality in (("visible", VISIBLE), ("infrared", INFRARED)):
     sets[f"train_{kind}"] = folders.read_list_file(root, TRAIN_LISTS[kind], modality, "LLCM", _LAYOUT, camera_of)

@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 
+from fdnm_jax.errors import ConfigError, MissingFileError
 from input_pipeline.datasets import folders
 from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
 
@@ -39,19 +40,19 @@ def read_regdb(root: str, trial: int) -> dict[str, ImageSet]:
     FileNotFoundError: a missing folder, list file or image (names it, and the expected layout).
   """
   if isinstance(trial, bool) or not isinstance(trial, (int, np.integer)) or not 1 <= trial <= NUM_TRIALS:
-    raise ValueError(f"RegDB trial must be an int in 1..{NUM_TRIALS}, got {trial!r}: set config.data.trial.")
+    raise ConfigError(f"RegDB trial must be an int in 1..{NUM_TRIALS}, got {trial!r}: set config.data.trial.")
   root = os.path.abspath(os.fspath(root))
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"RegDB folder {root} not found: {_LAYOUT}. Set config.data.root to it.")
+    raise MissingFileError(f"RegDB folder {root} not found: {_LAYOUT}. Set config.data.root to it.")
   for folder in ("Visible", "Thermal", "idx"):
     if not os.path.isdir(os.path.join(root, folder)):
-      raise FileNotFoundError(f"RegDB folder {folder}/ not found under {root}: {_LAYOUT}.")
+      raise MissingFileError(f"RegDB folder {folder}/ not found under {root}: {_LAYOUT}.")
   sets = {}
   for part in ("train", "test"):
     for kind, modality in (("visible", VISIBLE), ("thermal", INFRARED)):
       rel = f"idx/{part}_{kind}_{trial}.txt"
       if not os.path.isfile(os.path.join(root, rel)):
-        raise FileNotFoundError(f"RegDB split file {rel} not found under {root}: {_LAYOUT}.")
+        raise MissingFileError(f"RegDB split file {rel} not found under {root}: {_LAYOUT}.")
       sets[f"{part}_{kind}"] = folders.read_list_file(root, rel, modality, "RegDB", _LAYOUT + ".",
                                                        lambda p, m=modality: camera_of(p, m))
   return sets

@@ -43,6 +43,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from fdnm_jax.errors import ConfigError
+
 FORMAT = "fdnm-synthetic-regdb"  # manifest "format" field.
 VERSION = 5  # bump when the rendering changes: a stored set with another version is regenerated.
 MANIFEST = "synthetic_manifest.json"
@@ -91,11 +93,11 @@ def generate(root: str, *, num_train_ids: int, num_test_ids: int, images_per_id:
       raise TypeError(f"synthetic.generate: {name} must be an int, got {value!r}.")
   for name in ("num_train_ids", "num_test_ids", "images_per_id", "num_cameras"):
     if params[name] < 1:
-      raise ValueError(f"synthetic.generate: {name} must be >= 1, got {params[name]}.")
+      raise ConfigError(f"synthetic.generate: {name} must be >= 1, got {params[name]}.")
   if height < 16 or width < 8:
-    raise ValueError(f"synthetic.generate: images must be at least 16 x 8 pixels, got {height} x {width}.")
+    raise ConfigError(f"synthetic.generate: images must be at least 16 x 8 pixels, got {height} x {width}.")
   if seed < 0:
-    raise ValueError(f"synthetic.generate: seed must be >= 0, got {seed}.")
+    raise ConfigError(f"synthetic.generate: seed must be >= 0, got {seed}.")
   params = {k: int(v) for k, v in params.items()}
   manifest = {"format": FORMAT, "version": VERSION, **params}
 

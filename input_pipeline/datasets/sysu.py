@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fdnm_jax.errors import DataError, MissingFileError
 from input_pipeline.datasets import folders
 from input_pipeline.datasets.folders import image_set_counts, read_id_file
 from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
@@ -52,23 +53,23 @@ def read_sysu(root: str) -> dict[str, ImageSet]:
   """
   root = os.path.abspath(os.fspath(root))
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"SYSU-MM01 folder {root} not found: {_LAYOUT}\nSet config.data.root to it.")
+    raise MissingFileError(f"SYSU-MM01 folder {root} not found: {_LAYOUT}\nSet config.data.root to it.")
   for rel in ID_FILES["train"] + ID_FILES["test"]:
     if not os.path.isfile(os.path.join(root, rel)):
-      raise FileNotFoundError(f"SYSU-MM01 id file {rel} not found under {root}: {_LAYOUT}")
+      raise MissingFileError(f"SYSU-MM01 id file {rel} not found under {root}: {_LAYOUT}")
   for cam in RGB_CAMERAS + IR_CAMERAS:
     if not os.path.isdir(os.path.join(root, f"cam{cam}")):
-      raise FileNotFoundError(f"SYSU-MM01 camera folder cam{cam}/ not found under {root}: {_LAYOUT}")
+      raise MissingFileError(f"SYSU-MM01 camera folder cam{cam}/ not found under {root}: {_LAYOUT}")
     if not folders.list_subfolders(os.path.join(root, f"cam{cam}")):
-      raise FileNotFoundError(f"SYSU-MM01 camera folder {os.path.join(root, f'cam{cam}')} is empty (no <pid:04d>/ "
-                              f"identity folder): the download is incomplete; re-download or re-extract it. {_LAYOUT}")
+      raise MissingFileError(f"SYSU-MM01 camera folder {os.path.join(root, f'cam{cam}')} is empty (no <pid:04d>/ "
+                             f"identity folder): the download is incomplete; re-download or re-extract it. {_LAYOUT}")
   ids = {}
   for part, files in ID_FILES.items():
     ids[part] = sorted(set(i for rel in files for i in read_id_file(os.path.join(root, rel), "SYSU-MM01 id file")))
   both = sorted(set(ids["train"]) & set(ids["test"]))
   if both:
-    raise ValueError(f"SYSU-MM01 under {root}: person ids {both[:10]} are in both the training lists "
-                     f"({', '.join(ID_FILES['train'])}) and {ID_FILES['test'][0]}. Fix or re-download exp/.")
+    raise DataError(f"SYSU-MM01 under {root}: person ids {both[:10]} are in both the training lists "
+                    f"({', '.join(ID_FILES['train'])}) and {ID_FILES['test'][0]}. Fix or re-download exp/.")
   sets, missing = {}, {}
   for part in ("train", "test"):
     found = set()
@@ -113,15 +114,15 @@ def read_rand_perm(root: str) -> dict[str, list]:
   import scipy.io  # pylint: disable=g-import-not-at-top  (only for this one file)
   path = os.path.join(os.fspath(root), RAND_PERM_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"SYSU-MM01 official gallery permutations {path} not found: copy "
-                            "evaluation/data_split/rand_perm_cam.mat of https://github.com/wuancong/SYSU-MM01 into "
-                            "exp/, or set config.evals.sysu_gallery_sampling='seeded'.")
+    raise MissingFileError(f"SYSU-MM01 official gallery permutations {path} not found: copy "
+                           "evaluation/data_split/rand_perm_cam.mat of https://github.com/wuancong/SYSU-MM01 into "
+                           "exp/, or set config.evals.sysu_gallery_sampling='seeded'.")
   try:
     cells = np.asarray(scipy.io.loadmat(path)["rand_perm_cam"], dtype=object).reshape(-1)
   except (KeyError, ValueError, TypeError, OSError) as e:
-    raise ValueError(f"{path}: cannot read the 'rand_perm_cam' cell ({e}); re-download the file.") from None
+    raise DataError(f"{path}: cannot read the 'rand_perm_cam' cell ({e}); re-download the file.") from None
   if len(cells) != len(RGB_CAMERAS + IR_CAMERAS):
-    raise ValueError(f"{path}: 'rand_perm_cam' has {len(cells)} cameras, expected 6; re-download the file.")
+    raise DataError(f"{path}: 'rand_perm_cam' has {len(cells)} cameras, expected 6; re-download the file.")
   table = {}
   for cam, cell in enumerate(cells, start=1):
     entries = np.asarray(cell, dtype=object).reshape(-1)
@@ -158,8 +159,8 @@ def official_gallery(pids: Any, cams: Any, paths: Sequence[str], rand_perm: Mapp
         continue
       rows = entries[pid - 1]
       if not 0 <= trial < len(rows):
-        raise ValueError(f"SYSU-MM01 {RAND_PERM_FILE} has {len(rows)} trials for camera {cam}, person {pid}; "
-                         f"trial {trial} asked for.")
+        raise DataError(f"SYSU-MM01 {RAND_PERM_FILE} has {len(rows)} trials for camera {cam}, person {pid}; "
+                        f"trial {trial} asked for.")
       names.update(f"cam{int(cam)}/{pid:04d}/{int(n):04d}" for n in rows[trial][:shot])
   keep = [i for i, (path, cam) in enumerate(zip(paths, cams.tolist()))
           if cam in set(int(c) for c in cameras)

@@ -47,13 +47,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from fdnm_jax.errors import DataError, MissingFileError
 from input_pipeline.datasets import folders, llcm, regdb, sysu
 from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
 
 METADATA_FILE = "reid_metadata.json"  # extra metadata written beside dataset_info.json.
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(DataError):
   """An image of the download that is empty, truncated or not an image; the message names the file."""
 
 
@@ -222,8 +223,8 @@ class PreparedSet:
   def image_set(self, split: str, modality: int) -> ImageSet:
     """The images of `modality` in `split` (an empty ImageSet if there are none)."""
     if split not in self.splits:
-      raise KeyError(f"prepared set {self.data_dir} has no split {split!r} (it has {sorted(self.splits)}): "
-                     f"prepare it again with python -m input_pipeline.prepare.")
+      raise DataError(f"prepared set {self.data_dir} has no split {split!r} (it has {sorted(self.splits)}): "
+                      f"prepare it again with python -m input_pipeline.prepare.")
     return self.splits[split].get(modality, ImageSet((), np.zeros(0), np.zeros(0), modality, encoded=()))
 
 
@@ -248,7 +249,7 @@ def find_prepared(data_dir: str, name: str, config: Optional[str] = None) -> str
           and tf.io.gfile.exists(os.path.join(base, entry, "dataset_info.json"))):
         versions.append((tuple(int(p) for p in parts), entry))
   if not versions:
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"No prepared {name}{' ' + config if config else ''} set in {data_dir}: neither {data_dir}/dataset_info.json "
         f"nor {base}/<version>/dataset_info.json exists. Make it with python -m input_pipeline.prepare "
         f"--dataset={name} --manual_dir=<the download> --data_dir={data_dir}.")
@@ -268,7 +269,7 @@ def read_prepared(data_dir: str) -> PreparedSet:
   """
   data_dir = os.fspath(data_dir)
   if not tf.io.gfile.exists(os.path.join(data_dir, "dataset_info.json")):
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{data_dir} is not a prepared data set folder (no dataset_info.json): point config.data.data_dir at the "
         "version folder that `python -m input_pipeline.prepare` printed, e.g. <data_dir>/sysu_mm01/1.0.0.")
   builder = tfds.builder_from_directory(data_dir)

@@ -20,6 +20,7 @@ from fdnm_jax.evaluation import protocols
 from input_pipeline import pipeline, prepare, sources
 from input_pipeline.datasets import llcm, regdb, synthetic, sysu, tfds_builders
 from input_pipeline.datasets.image_set import INFRARED, VISIBLE
+from tests import subprocesses
 from tests.input_pipeline import test_llcm, test_sysu
 
 NUM_PIDS_IN_MAT = 20  # person-id entries per camera in the fixture rand_perm_cam.mat (ids 1..20).
@@ -305,8 +306,7 @@ def test_main_trains_and_evaluates_on_a_prepared_regdb_fixture(regdb_prepared, t
   step 1 on the held-out id, the final evaluation on the test split."""
   _, folders = regdb_prepared
   workdir = str(tmp_path / "run")
-  env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = subprocesses.env(devices=1)
   cmd = [sys.executable, os.path.join(REPO, "main.py"), f"--config={os.path.join(REPO, 'configs', 'regdb.py')}",
          f"--workdir={workdir}", f"--config.data.data_dir={folders[0]}", "--config.data.num_val_ids=1",
          "--config.evals.every_steps=1", *TINY_OVERRIDES]
