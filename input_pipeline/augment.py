@@ -22,7 +22,10 @@ filter((j + 0.5 - center) / s), normalised to sum 1, where s = max(scale, 1) str
 (the antialiasing) and support = filter support * s. Filters (Pillow's Resample.c): bilinear (triangle, support 1),
 bicubic (Keys a = -0.5, support 2), lanczos (sinc(x) sinc(x / 3), support 3). PIL clips each pass to 0..255 and
 rounds it to uint8; here each pass is clipped in float32 and not rounded (so outputs differ from PIL's by its
-rounding: at most 1/2 level per pass, tested against Pillow).
+rounding: at most 1/2 level per pass, tested against Pillow). The horizontal pass runs first, as in the Pillow the
+references ran (< 10, which still had Image.ANTIALIAS; its Resample.c always resamples horizontally first). Pillow 13
+runs the vertical pass first when the height shrinks and 2 (w_out - w_in) > h_out - h_in; the order matters only
+where a lobed filter's first pass overshoots 0..255 and is clipped (sharp edges), and we keep the references' order.
 """
 
 import math
@@ -88,12 +91,17 @@ def check_resize_method(method: str) -> None:
                       f"{', '.join(RESIZE_METHODS)} ({DEFAULT_RESIZE} = the references' PIL Image.ANTIALIAS).")
 
 
-def pil_resize_weights(in_size: Any, out_size: int, method: str) -> tf.Tensor:
-  """The [out_size, in_size] float32 matrix of PIL's resampling of one axis (module docstring), row i = the
-  normalised weights of output pixel i over the input pixels. `in_size` may be a tensor (images of any size in
-  tf.data); the weights are computed in float64, like PIL's."""
+def pil_resize_band(in_size: Any, out_size: int, method: str) -> tuple[tf.Tensor, tf.Tensor]:
+  """PIL's resampling of one axis of `in_size` -> `out_size` pixels (module docstring) as a band: output pixel i is
+  sum_k taps[i, k] * input[index[i, k]], k < PIL's ksize = 2 ceil(support) + 1.
+
+  Returns:
+    index: int32 [out_size, ksize] input pixels (taps past PIL's window have weight 0 and a clamped index);
+    taps: float32 [out_size, ksize], each row normalised to sum 1 (computed in float64, like PIL's).
+  `in_size` may be a tensor (images of any size inside tf.data).
+  """
   if method not in PIL_FILTERS:
-    raise ConfigError(f"pil_resize_weights: {method!r} is not a PIL filter ({', '.join(PIL_FILTERS)})")
+    raise ConfigError(f"pil_resize_band: {method!r} is not a PIL filter ({', '.join(PIL_FILTERS)})")
   kernel, support = PIL_FILTERS[method]
   n = tf.cast(in_size, tf.float64)
   scale = n / float(out_size)
@@ -102,12 +110,22 @@ def pil_resize_weights(in_size: Any, out_size: int, method: str) -> tf.Tensor:
   center = (tf.range(out_size, dtype=tf.float64) + 0.5) * scale
   first = tf.maximum(tf.floor(center - support + 0.5), 0.0)
   stop = tf.minimum(tf.floor(center + support + 0.5), n)
-  j = tf.range(tf.cast(in_size, tf.int32), dtype=tf.float64)
-  taps = kernel((j[None, :] - center[:, None] + 0.5) * (1.0 / stretch))
-  window = (j[None, :] >= first[:, None]) & (j[None, :] < stop[:, None])
-  taps = tf.where(window, taps, tf.zeros_like(taps))
+  ksize = 2 * tf.cast(tf.math.ceil(support), tf.int32) + 1
+  j = first[:, None] + tf.range(ksize, dtype=tf.float64)[None, :]
+  taps = kernel((j - center[:, None] + 0.5) * (1.0 / stretch))
+  taps = tf.where(j < stop[:, None], taps, tf.zeros_like(taps))
   taps = tf.math.divide_no_nan(taps, tf.reduce_sum(taps, axis=1, keepdims=True))
-  return tf.cast(taps, tf.float32)
+  index = tf.minimum(tf.cast(j, tf.int32), tf.cast(in_size, tf.int32) - 1)
+  return index, tf.cast(taps, tf.float32)
+
+
+def pil_resize_weights(in_size: Any, out_size: int, method: str) -> tf.Tensor:
+  """The band of `pil_resize_band` as a dense float32 [out_size, in_size] matrix (row i = output pixel i's weights
+  over the input pixels; the clamped taps past the window add 0)."""
+  index, taps = pil_resize_band(in_size, out_size, method)
+  rows = tf.broadcast_to(tf.range(out_size, dtype=tf.int32)[:, None], tf.shape(index))
+  coordinates = tf.reshape(tf.stack([rows, index], axis=-1), [-1, 2])
+  return tf.scatter_nd(coordinates, tf.reshape(taps, [-1]), tf.stack([out_size, tf.cast(in_size, tf.int32)]))
 
 
 def resize(image: tf.Tensor, height: int, width: int, method: str = DEFAULT_RESIZE) -> tf.Tensor:
@@ -115,9 +133,11 @@ def resize(image: tf.Tensor, height: int, width: int, method: str = DEFAULT_RESI
 
   method (config.input.resize): "pil_lanczos" | "pil_bicubic" | "pil_bilinear" = PIL's `Image.resize` with that
   filter (antialiased on downscale, module docstring): the horizontal pass, clipped to [0, 255], then the
-  vertical pass, clipped; a pass whose size does not change is skipped (as in PIL; its weights are the
-  identity anyway). "tf_bilinear" = `tf.image.resize` bilinear with half-pixel centres and no antialiasing (the
-  project's resize before PIL's), not clipped. A same-size resize returns the image unchanged.
+  vertical pass, clipped, each a matrix product with `pil_resize_weights` (built per image from the few taps of
+  `pil_resize_band`: cheap next to the products, which TensorFlow runs faster than a gather of the band); a pass
+  whose size does not change is skipped (as in PIL; its weights are the identity anyway). "tf_bilinear" =
+  `tf.image.resize` bilinear with half-pixel centres and no antialiasing (the project's resize before PIL's), not
+  clipped. A same-size resize returns the image unchanged.
   """
   check_resize_method(method)
   x = tf.cast(image, tf.float32)
@@ -125,13 +145,14 @@ def resize(image: tf.Tensor, height: int, width: int, method: str = DEFAULT_RESI
     return tf.image.resize(x, (height, width), method="bilinear", antialias=False)
   in_h, in_w = x.shape[0], x.shape[1]
   size = tf.shape(x)
+  x = tf.transpose(x, [2, 0, 1])  # [C, h, w]: both passes are plain (broadcast) matrix products.
   if in_w is None or in_w != width:
-    x = tf.einsum("ow,hwc->hoc", pil_resize_weights(size[1], width, method), x)
+    x = tf.matmul(x, pil_resize_weights(size[1], width, method), transpose_b=True)
     x = tf.clip_by_value(x, 0.0, 255.0)
   if in_h is None or in_h != height:
-    x = tf.einsum("oh,hwc->owc", pil_resize_weights(size[0], height, method), x)
+    x = tf.matmul(pil_resize_weights(size[0], height, method), x)
     x = tf.clip_by_value(x, 0.0, 255.0)
-  return x
+  return tf.transpose(x, [1, 2, 0])
 
 
 def pad_and_random_crop(image: tf.Tensor, pad: int, seed: tf.Tensor) -> tf.Tensor:

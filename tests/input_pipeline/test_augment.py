@@ -283,3 +283,26 @@ def test_train_transform(input_config):
   expected = ((_bilinear_reference(np.asarray(image, np.float64) / 255.0, 24, 16) - np.array(augment.IMAGENET_MEAN))
               / np.array(augment.IMAGENET_STD))
   np.testing.assert_allclose(plain, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["pil_lanczos", "tf_bilinear"])
+def test_the_eval_stream_resizes_with_config_input_resize(tiny_sets, input_config, method):
+  """Test images go through the training resize: the eval stream of stored 32 x 16 images at 48 x 24 (upscaled) is
+  the Pillow-decoded file resized by `method` (Pillow's LANCZOS within the two-pass bound; tf_bilinear exactly the
+  op), normalised."""
+  image_set = tiny_sets["test_visible"]
+  input_config.height, input_config.width, input_config.resize = 48, 24, method
+  batch = next(pipeline.eval_batches(image_set, input_config, 8))
+  for row, i in enumerate(batch["index"][:3]):
+    pixels = np.asarray(Image.open(image_set.paths[i]).convert("RGB"))
+    if method == "pil_lanczos":
+      expected = _pil_resize_horizontal_first(pixels, 48, 24, method)
+      tolerance = two_pass_bound(pixels.shape[0], 48, method)
+    else:
+      expected = augment.resize(tf.constant(pixels), 48, 24, "tf_bilinear").numpy().astype(np.float64)
+      tolerance = 1e-4  # the same op; float32 rounding of the normalisation only.
+    normalised = (expected / 255.0 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
+    assert np.abs(batch["images"][row] - normalised).max() <= tolerance / 255.0 / min(augment.IMAGENET_STD)
+    if method == "pil_lanczos":  # the other method's pixels are outside that bound: the stream's choice shows.
+      other = augment.resize(tf.constant(pixels), 48, 24, "tf_bilinear").numpy()
+      assert np.abs(other - expected).max() > 2 * tolerance
