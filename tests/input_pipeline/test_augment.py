@@ -1,12 +1,15 @@
 """Augmentation ops against NumPy references and their defining properties; the resize against Pillow."""
 
 import io
+import json
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
+from configs import default
+from fdnm_jax import run_config
 from fdnm_jax.errors import ConfigError
 from input_pipeline import augment, pipeline
 
@@ -306,3 +309,14 @@ def test_the_eval_stream_resizes_with_config_input_resize(tiny_sets, input_confi
     if method == "pil_lanczos":  # the other method's pixels are outside that bound: the stream's choice shows.
       other = augment.resize(tf.constant(pixels), 48, 24, "tf_bilinear").numpy()
       assert np.abs(other - expected).max() > 2 * tolerance
+
+
+def test_a_workdir_written_before_config_input_resize_keeps_its_resize(tmp_path):
+  """Runs stored without the field were trained and tested with tf.image.resize: reading them back keeps that."""
+  old = default.get_config().to_dict()
+  del old["input"]["resize"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert run_config.load_stored(str(tmp_path)).input.resize == "tf_bilinear"
+  new = default.get_config().to_dict()
+  (tmp_path / "config.json").write_text(json.dumps(new))
+  assert run_config.load_stored(str(tmp_path)).input.resize == "pil_lanczos"
