@@ -8,10 +8,13 @@ The full FDNM model (AGP after stages 1 and 2, ANM after stage 4, L_cnm) through
 VIS images go through the visible stem, the NIR images through the infrared stem. Evaluation: the face protocol
 (`fdnm_jax.evaluation.face`): NIR probes against the VIS gallery, Rank-1 and VR@FAR = 1 % / 0.1 %.
 
-The paper reports face results but gives no face recipe; chosen here (each a field to override):
+Recipe: the paper validates FDNM on CASIA NIR-VIS 2.0, but its face recipe (input size included) is not available
+here (only its abstract and a summary, which say no more), and DEEN, whose code the ReID configs follow, has no face
+experiment. So this is not the authors' recipe; chosen here (each a field to override):
   - input 128 x 128 (config.input.height/width; the size of the cropped copies the data set ships and that
-    LightCNN-style face code uses; 112 x 112 also works), pad-and-crop of 8 pixels (about the ReID recipe's 10 at
-    288 x 144, scaled to the smaller image);
+    LightCNN-style face code uses; 112 x 112 also works), resized as the ReID configs do (PIL LANCZOS,
+    config.input.resize; the shipped 128 x 128 crops pass unchanged), pad-and-crop of 8 pixels (about the ReID
+    recipe's 10 at 288 x 144, scaled to the smaller image);
   - everything else as the ReID recipe (FDNM_SPEC.md §3): P = 6 subjects x K = 4 images per modality, SGD
     0.01 / 0.1 with warm-up and decay at epochs 20 and 80, 150 epochs, flip, random grayscale and erasing;
   - the images are read as the lists name them (the full frames); config.data.modality_folder_suffix="_128x128"

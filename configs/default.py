@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input = ml_collections.ConfigDict()
   config.input.height = 288  # network input height (pixels).
   config.input.width = 144  # network input width (pixels).
+  config.input.resize = "pil_lanczos"  # train/test resize: pil_lanczos|pil_bicubic|pil_bilinear (PIL) | tf_bilinear.
   config.input.num_ids_per_batch = 6  # P: identities per training batch.
   config.input.num_instances = 4  # K: images per identity per modality in a batch (batch = 2*P*K).
   config.input.pad = 10  # zero padding before the random crop (pixels); 0 = no pad-and-crop.

@@ -93,6 +93,11 @@ def _tuples(obj: Any) -> Any:
   return obj
 
 
+# Fields added after runs were written without them, whose behaviour before was not today's default: a stored
+# config lacking one gets this value (what those runs did), not the default.
+LEGACY_VALUES = {("input", "resize"): "tf_bilinear"}  # the only resize before config.input.resize existed.
+
+
 def _merged(defaults: dict, saved: dict) -> dict:
   """`saved` over `defaults`, section by section: fields a newer fdnm-jax added keep their defaults."""
   out = dict(defaults)
@@ -115,4 +120,8 @@ def load_stored(workdir: str) -> Optional[ml_collections.ConfigDict]:
     return None
   with open(path) as f:
     saved = _tuples(json.load(f))
-  return ml_collections.ConfigDict(_merged(default.get_config().to_dict(), saved))
+  merged = _merged(default.get_config().to_dict(), saved)
+  for (section, field), value in LEGACY_VALUES.items():
+    if section in saved and field not in saved[section]:
+      merged[section][field] = value
+  return ml_collections.ConfigDict(merged)

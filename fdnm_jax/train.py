@@ -247,7 +247,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
     # Pretrained weights: read and converted on the host only for a fresh state (a resume never calls this),
     # then passed to the jitted init as an argument and merged before tx.init.
     weights = (pretrained.load_converted(config.model.pretrained, model.stage_sizes, model.width)
-               if config.model.pretrained else None)
+               if config.model.pretrained not in ("", "none") else None)  # "none": from scratch, said so.
     return init_sharded(rng, weights)
 
   rng = jax.random.key(config.seed)

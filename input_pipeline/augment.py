@@ -9,11 +9,31 @@ Train recipe (FDNM_SPEC.md §3; DEEN's transform_regdb/transform_sysu, with CAJ'
   resize to H x W -> zero-pad `pad` -> random grayscale -> random crop back to H x W -> horizontal flip
   -> normalise -> random erasing -> channel augmentation.
 Eval: resize -> normalise.
+
+Resize (`config.input.resize`): the references resize with PIL before any transform. DEEN's data loaders
+(ZYK100/LLCM DEEN/data_loader.py, pre_process_sysu.py; AGW's the same at 288 x 144) call
+`img.resize((w, h), Image.ANTIALIAS)` on every training and test image, and `Image.ANTIALIAS` is Pillow's old name
+of `Image.LANCZOS` (removed in Pillow 10); the `T.Resize((h, w))` of DEEN's test transform then finds the image at
+its size already and changes nothing. So the default is "pil_lanczos". PIL's resampling, reproduced by `resize`:
+separable, horizontal pass first; output pixel i of an axis of n_in -> n_out pixels sits at
+center = (i + 0.5) * scale (scale = n_in / n_out) and averages the input pixels j in
+[floor(center - support + 0.5), floor(center + support + 0.5)) (clipped to the image) with weights
+filter((j + 0.5 - center) / s), normalised to sum 1, where s = max(scale, 1) stretches the filter on downscaling
+(the antialiasing) and support = filter support * s. Filters (Pillow's Resample.c): bilinear (triangle, support 1),
+bicubic (Keys a = -0.5, support 2), lanczos (sinc(x) sinc(x / 3), support 3). PIL clips each pass to 0..255 and
+rounds it to uint8; here each pass is clipped in float32 and not rounded (so outputs differ from PIL's by its
+rounding: at most 1/2 level per pass, tested against Pillow). The horizontal pass runs first, as in the Pillow the
+references ran (< 10, which still had Image.ANTIALIAS; its Resample.c always resamples horizontally first). Pillow 13
+runs the vertical pass first when the height shrinks and 2 (w_out - w_in) > h_out - h_in; the order matters only
+where a lobed filter's first pass overshoots 0..255 and is clipped (sharp edges), and we keep the references' order.
 """
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import tensorflow as tf
+
+from fdnm_jax.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # per-channel mean (R, G, B) of ImageNet, [0, 1] pixel units.
 IMAGENET_STD = (0.229, 0.224, 0.225)  # per-channel standard deviation (R, G, B) of ImageNet, [0, 1] units.
@@ -28,12 +48,111 @@ def to_float(image: tf.Tensor) -> tf.Tensor:
   return tf.cast(image, tf.float32) / 255.0
 
 
-def resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
-  """Bilinear resize (half-pixel centres, no antialiasing) of [h, w, C] to float32 [height, width, C].
+def _bilinear_filter(x: tf.Tensor) -> tf.Tensor:
+  """PIL's BILINEAR filter (triangle): 1 - |x| for |x| < 1, else 0."""
+  return tf.maximum(1.0 - tf.abs(x), 0.0)
 
-  A same-size resize returns the image unchanged.
+
+def _bicubic_filter(x: tf.Tensor) -> tf.Tensor:
+  """PIL's BICUBIC filter: Keys' cubic convolution with a = -0.5, support 2."""
+  a = -0.5
+  x = tf.abs(x)
+  inner = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+  outer = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+  return tf.where(x < 1.0, inner, tf.where(x < 2.0, outer, tf.zeros_like(x)))
+
+
+def _sinc(x: tf.Tensor) -> tf.Tensor:
+  """sin(pi x) / (pi x), 1 at 0."""
+  px = math.pi * x
+  safe = tf.where(x == 0.0, tf.ones_like(px), px)
+  return tf.where(x == 0.0, tf.ones_like(px), tf.sin(safe) / safe)
+
+
+def _lanczos_filter(x: tf.Tensor) -> tf.Tensor:
+  """PIL's LANCZOS filter (= the old Image.ANTIALIAS): sinc(x) sinc(x / 3) on [-3, 3), else 0."""
+  return tf.where((x >= -3.0) & (x < 3.0), _sinc(x) * _sinc(x / 3.0), tf.zeros_like(x))
+
+
+# config.input.resize -> (filter, support in input pixels before the downscale stretch) of PIL's resampling.
+PIL_FILTERS: dict[str, tuple[Callable[[tf.Tensor], tf.Tensor], float]] = {
+    "pil_lanczos": (_lanczos_filter, 3.0),
+    "pil_bicubic": (_bicubic_filter, 2.0),
+    "pil_bilinear": (_bilinear_filter, 1.0),
+}
+RESIZE_METHODS = tuple(PIL_FILTERS) + ("tf_bilinear",)  # the values config.input.resize accepts.
+DEFAULT_RESIZE = "pil_lanczos"  # DEEN's / AGW's Image.ANTIALIAS (module docstring).
+
+
+def check_resize_method(method: str) -> None:
+  """Raises ConfigError unless `method` is one of RESIZE_METHODS (config.input.resize)."""
+  if method not in RESIZE_METHODS:
+    raise ConfigError(f"config.input.resize={method!r} is not a resize method: use one of "
+                      f"{', '.join(RESIZE_METHODS)} ({DEFAULT_RESIZE} = the references' PIL Image.ANTIALIAS).")
+
+
+def pil_resize_band(in_size: Any, out_size: int, method: str) -> tuple[tf.Tensor, tf.Tensor]:
+  """PIL's resampling of one axis of `in_size` -> `out_size` pixels (module docstring) as a band: output pixel i is
+  sum_k taps[i, k] * input[index[i, k]], k < PIL's ksize = 2 ceil(support) + 1.
+
+  Returns:
+    index: int32 [out_size, ksize] input pixels (taps past PIL's window have weight 0 and a clamped index);
+    taps: float32 [out_size, ksize], each row normalised to sum 1 (computed in float64, like PIL's).
+  `in_size` may be a tensor (images of any size inside tf.data).
   """
-  return tf.image.resize(tf.cast(image, tf.float32), (height, width), method="bilinear", antialias=False)
+  if method not in PIL_FILTERS:
+    raise ConfigError(f"pil_resize_band: {method!r} is not a PIL filter ({', '.join(PIL_FILTERS)})")
+  kernel, support = PIL_FILTERS[method]
+  n = tf.cast(in_size, tf.float64)
+  scale = n / float(out_size)
+  stretch = tf.maximum(scale, 1.0)
+  support = support * stretch
+  center = (tf.range(out_size, dtype=tf.float64) + 0.5) * scale
+  first = tf.maximum(tf.floor(center - support + 0.5), 0.0)
+  stop = tf.minimum(tf.floor(center + support + 0.5), n)
+  ksize = 2 * tf.cast(tf.math.ceil(support), tf.int32) + 1
+  j = first[:, None] + tf.range(ksize, dtype=tf.float64)[None, :]
+  taps = kernel((j - center[:, None] + 0.5) * (1.0 / stretch))
+  taps = tf.where(j < stop[:, None], taps, tf.zeros_like(taps))
+  taps = tf.math.divide_no_nan(taps, tf.reduce_sum(taps, axis=1, keepdims=True))
+  index = tf.minimum(tf.cast(j, tf.int32), tf.cast(in_size, tf.int32) - 1)
+  return index, tf.cast(taps, tf.float32)
+
+
+def pil_resize_weights(in_size: Any, out_size: int, method: str) -> tf.Tensor:
+  """The band of `pil_resize_band` as a dense float32 [out_size, in_size] matrix (row i = output pixel i's weights
+  over the input pixels; the clamped taps past the window add 0)."""
+  index, taps = pil_resize_band(in_size, out_size, method)
+  rows = tf.broadcast_to(tf.range(out_size, dtype=tf.int32)[:, None], tf.shape(index))
+  coordinates = tf.reshape(tf.stack([rows, index], axis=-1), [-1, 2])
+  return tf.scatter_nd(coordinates, tf.reshape(taps, [-1]), tf.stack([out_size, tf.cast(in_size, tf.int32)]))
+
+
+def resize(image: tf.Tensor, height: int, width: int, method: str = DEFAULT_RESIZE) -> tf.Tensor:
+  """Resizes [h, w, C] (uint8, or float in 0..255 pixel units) to float32 [height, width, C], 0..255 units.
+
+  method (config.input.resize): "pil_lanczos" | "pil_bicubic" | "pil_bilinear" = PIL's `Image.resize` with that
+  filter (antialiased on downscale, module docstring): the horizontal pass, clipped to [0, 255], then the
+  vertical pass, clipped, each a matrix product with `pil_resize_weights` (built per image from the few taps of
+  `pil_resize_band`: cheap next to the products, which TensorFlow runs faster than a gather of the band); a pass
+  whose size does not change is skipped (as in PIL; its weights are the identity anyway). "tf_bilinear" =
+  `tf.image.resize` bilinear with half-pixel centres and no antialiasing (the project's resize before PIL's), not
+  clipped. A same-size resize returns the image unchanged.
+  """
+  check_resize_method(method)
+  x = tf.cast(image, tf.float32)
+  if method == "tf_bilinear":
+    return tf.image.resize(x, (height, width), method="bilinear", antialias=False)
+  in_h, in_w = x.shape[0], x.shape[1]
+  size = tf.shape(x)
+  x = tf.transpose(x, [2, 0, 1])  # [C, h, w]: both passes are plain (broadcast) matrix products.
+  if in_w is None or in_w != width:
+    x = tf.matmul(x, pil_resize_weights(size[1], width, method), transpose_b=True)
+    x = tf.clip_by_value(x, 0.0, 255.0)
+  if in_h is None or in_h != height:
+    x = tf.matmul(pil_resize_weights(size[0], height, method), x)
+    x = tf.clip_by_value(x, 0.0, 255.0)
+  return tf.transpose(x, [1, 2, 0])
 
 
 def pad_and_random_crop(image: tf.Tensor, pad: int, seed: tf.Tensor) -> tf.Tensor:
@@ -140,7 +259,7 @@ def train_transform(image: tf.Tensor, seed: tf.Tensor, input_config: Any) -> tf.
   Args:
     image: uint8 [h, w, 3], any size.
     seed: int32/int64 [2], this image's seed.
-    input_config: `config.input` (height, width, pad, flip, random_grayscale, random_erasing,
+    input_config: `config.input` (height, width, resize, pad, flip, random_grayscale, random_erasing,
       erasing_area, erasing_min_aspect, channel_aug); a switched-off op consumes no randomness, and the
       others' randomness does not depend on which ops are on.
   Returns:
@@ -148,7 +267,7 @@ def train_transform(image: tf.Tensor, seed: tf.Tensor, input_config: Any) -> tf.
   """
   c = input_config
   seeds = tf.random.experimental.stateless_split(seed, NUM_TRAIN_SEEDS)
-  x = resize(image, c.height, c.width) / 255.0
+  x = resize(image, c.height, c.width, c.resize) / 255.0
   # DEEN pads, grays, then crops; graying is per pixel and keeps the zero padding zero, so graying first
   # and then padding and cropping gives the same image.
   x = random_grayscale(x, c.random_grayscale, seeds[1])
@@ -162,6 +281,7 @@ def train_transform(image: tf.Tensor, seed: tf.Tensor, input_config: Any) -> tf.
   return tf.ensure_shape(x, (c.height, c.width, 3))
 
 
-def eval_transform(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
-  """uint8 [h, w, 3] -> float32 [height, width, 3]: resize, normalise."""
-  return normalize(resize(image, height, width) / 255.0)
+def eval_transform(image: tf.Tensor, height: int, width: int, method: str = DEFAULT_RESIZE) -> tf.Tensor:
+  """uint8 [h, w, 3] -> float32 [height, width, 3]: resize (`method` = config.input.resize, as in training),
+  normalise."""
+  return normalize(resize(image, height, width, method) / 255.0)

@@ -34,10 +34,8 @@ def num_classes(visible: ImageSet, infrared: ImageSet) -> int:
 
 
 def decode(path: tf.Tensor) -> tf.Tensor:
-  """Reads and decodes one image file (JPEG, PNG, BMP, GIF first frame, WebP) to uint8 [h, w, 3]."""
-  image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-  image.set_shape([None, None, 3])
-  return image
+  """Reads and decodes one image file (`decode_bytes`) to uint8 [h, w, 3]."""
+  return decode_bytes(tf.io.read_file(path))
 
 
 def _byte_source(image_sets: Sequence[ImageSet]):
@@ -62,8 +60,18 @@ def _byte_source(image_sets: Sequence[ImageSet]):
 
 
 def decode_bytes(data: tf.Tensor) -> tf.Tensor:
-  """Decodes one encoded image (JPEG, PNG, BMP, GIF first frame, WebP) to uint8 [h, w, 3]."""
-  image = tf.io.decode_image(data, channels=3, expand_animations=False)
+  """Decodes one encoded image (JPEG, PNG, BMP, GIF first frame, WebP) to uint8 [h, w, 3].
+
+  JPEGs are decoded with the accurate integer IDCT (libjpeg's ISLOW, what PIL uses, so the pixels equal those the
+  reference code reads); TensorFlow's default fast IDCT differs from them by up to a few grey levels.
+  """
+  def jpeg():
+    return tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+
+  def other():
+    return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+  image = tf.cond(tf.io.is_jpeg(data), jpeg, other)
   image.set_shape([None, None, 3])
   return image
 
@@ -173,7 +181,7 @@ def eval_batches(image_set: ImageSet, input_config: Any, batch_size: int, *, pro
 
   Args:
     image_set: the images.
-    input_config: `config.input` (height, width, prefetch).
+    input_config: `config.input` (height, width, resize, prefetch).
     batch_size: global batch size, a multiple of process_count.
     process_index, process_count: this process and the number of processes.
     flip: also yield the mirrored images.
@@ -199,7 +207,7 @@ def eval_batches(image_set: ImageSet, input_config: Any, batch_size: int, *, pro
 
   def per_image(i):
     def load():
-      return augment.eval_transform(decode_bytes(read_bytes(tf.maximum(i, 0))), height, width)
+      return augment.eval_transform(decode_bytes(read_bytes(tf.maximum(i, 0))), height, width, c.resize)
     return tf.cond(i >= 0, load, lambda: tf.zeros([height, width, 3], tf.float32)), i
 
   ds = tf.data.Dataset.from_tensor_slices(index)

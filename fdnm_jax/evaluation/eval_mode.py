@@ -119,7 +119,8 @@ def format_summary(report: dict) -> str:
             f"re-ranking: {'on' if report['rerank']['enabled'] else 'off'}",
             "- numbers: percent; mean ± population std over the trials where a setting has several", "",
             protocols.format_protocol_table(report["settings"]), "",
-            published.format_published(report["dataset"], list(report["settings"]))]
+            published.format_published(report["dataset"], list(report["settings"]),
+                                       reranked=report["rerank"]["enabled"])]
   return "\n".join(lines)
 
 

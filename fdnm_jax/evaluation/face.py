@@ -26,8 +26,10 @@ a face `Setting` (protocol "face", `fdnm_jax.evaluation.protocols.settings_for`)
 The standard protocol trains one model per fold (fold k's training subjects are disjoint from its test subjects,
 not from other folds' test subjects). Scoring one model on several folds (`config.evals.face_folds`) therefore
 reports, per fold, how many of that fold's test subjects the model was trained on ("train_overlap_subjects");
-the standard 10-fold mean +- std comes from ten runs, one per `config.data.fold`, combined by
-`fold_numbers` + `aggregate_folds` (`python -m fdnm_jax.evaluation.face runs/casia_f*/results/<name>.json`).
+the standard 10-fold mean +- std comes from ten runs, one per `config.data.fold`, combined by `fold_numbers` and
+the aggregator of every repeated experiment, `fdnm_jax.evaluation.aggregate`
+(`python -m fdnm_jax.evaluation.face runs/casia_f*/results/<name>.json`, or `launch/trials.py
+--dataset=casia_nir_vis --trials=1-10`, which also trains the folds).
 """
 
 import json
@@ -40,6 +42,7 @@ import numpy as np
 from absl import logging
 
 from fdnm_jax.errors import ConfigError, DataError
+from fdnm_jax.evaluation import aggregate
 
 FARS = (0.01, 0.001)  # the false accept rates of the reported verification rates (1 %, 0.1 %).
 METRICS = ("rank1", "vr_far_1", "vr_far_0_1")  # report keys, percent.
@@ -152,9 +155,8 @@ def score_fold(probe_emb: Any, probe_labels: Any, gallery_emb: Any, gallery_labe
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-  """(mean, population std) of per-fold numbers; std is 0 for one fold."""
-  values = np.asarray(values, np.float64)
-  return float(np.mean(values)), float(np.std(values))
+  """(mean, population std) of per-fold numbers; std is 0 for one fold (`aggregate.mean_std`)."""
+  return aggregate.mean_std(values, ddof=0)
 
 
 def fold_set(name: str, fold: int) -> str:
@@ -229,7 +231,7 @@ def fold_numbers(report: Mapping[str, Any], config: Optional[Any] = None) -> dic
     setting name -> {fold: {"rank1", "vr_far_1", "vr_far_0_1"}}.
   """
   out: dict[str, dict[int, dict[str, float]]] = {}
-  for name, row in report.get("settings", {}).items():
+  for name, row in aggregate.report_settings(report).items():
     if "per_trial" in row:
       trials = row["per_trial"]
     else:
@@ -252,49 +254,17 @@ def fold_numbers(report: Mapping[str, Any], config: Optional[Any] = None) -> dic
   return out
 
 
-def aggregate_folds(per_report: Sequence[Mapping[str, Mapping[int, Mapping[str, float]]]]
-                    ) -> dict[str, dict[str, Any]]:
-  """Mean +- std over folds of several runs' `fold_numbers` (the standard protocol: one run per fold).
-
-  Returns:
-    setting name -> {"folds": [...], "mean": {metric}, "std": {metric} (population), "per_fold": {fold: {metric}}}.
-  Raises:
-    ValueError: nothing to aggregate, or a fold scored by more than one report.
-  """
-  merged: dict[str, dict[int, Mapping[str, float]]] = {}
-  for numbers in per_report:
-    for name, folds in numbers.items():
-      for fold, values in folds.items():
-        if fold in merged.setdefault(name, {}):
-          raise DataError(f"setting {name!r}: fold {fold} is scored by more than one report")
-        merged[name][fold] = values
-  if not merged:
-    raise DataError("aggregate_folds: no face numbers to aggregate")
-  out = {}
-  for name, folds in merged.items():
-    order = sorted(folds)
-    stats = {k: mean_std([folds[f][k] for f in order]) for k in METRICS}
-    out[name] = {"folds": order, "mean": {k: v[0] for k, v in stats.items()},
-                 "std": {k: v[1] for k, v in stats.items()}, "per_fold": {f: dict(folds[f]) for f in order}}
-  return out
-
-
-def format_aggregate(aggregated: Mapping[str, Mapping[str, Any]]) -> str:
-  """A Markdown table of `aggregate_folds`: one row per setting, "mean ± std" over its folds."""
-  lines = ["| setting | folds | " + " | ".join(LABELS[k] for k in METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]
-  for name, r in aggregated.items():
-    cells = [f"{r['mean'][k]:.2f} ± {r['std'][k]:.2f}" for k in METRICS]
-    lines.append(f"| {name} | {','.join(str(f) for f in r['folds'])} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
 def main(argv: Sequence[str]) -> int:
-  """`python -m fdnm_jax.evaluation.face REPORT.json ...`: prints the mean +- std over the reports' folds.
+  """`python -m fdnm_jax.evaluation.face [--sample_std] REPORT.json ...`: prints the mean +- std over the reports'
+  folds (`aggregate.aggregate`; population std unless --sample_std).
 
   A training report (`<workdir>/results/<name>.json`) takes its fold from `<workdir>/config.json`.
   """
+  ddof = 1 if "--sample_std" in argv else 0
+  argv = [a for a in argv if a != "--sample_std"]
   if not argv:
-    print("usage: python -m fdnm_jax.evaluation.face runs/casia_f*/results/<name>.json ...", file=sys.stderr)
+    print("usage: python -m fdnm_jax.evaluation.face [--sample_std] runs/casia_f*/results/<name>.json ...",
+          file=sys.stderr)
     return 2
   numbers = []
   for path in argv:
@@ -310,7 +280,12 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as e:
       print(f"{path}: {e}", file=sys.stderr)
       return 1
-  print(format_aggregate(aggregate_folds(numbers)))
+  try:
+    table = aggregate.format_aggregate(aggregate.aggregate(numbers, ddof), key_name="folds")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(table)
   return 0
 
 

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fdnm_jax.evaluation import evaluator, face, protocols
+from fdnm_jax.evaluation import aggregate, evaluator, face, protocols
 from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
 from input_pipeline.sources import DataSource, EvalDirection
 
@@ -174,10 +174,15 @@ def test_fold_reports_aggregate_to_mean_and_std(tmp_path, capsys):
   out = capsys.readouterr().out
   for m in face.METRICS:
     v = [values[k][m] for k in (1, 2, 3, 4)]
-    assert f"{np.mean(v):.2f} ± {np.std(v):.2f}" in out
-  assert "| nir_to_vis | 1,2,3,4 |" in out
-  with pytest.raises(ValueError, match="fold 4"):
-    face.aggregate_folds([face.fold_numbers(eval_report), face.fold_numbers(eval_report)])
+    assert f"{np.mean(v):.2f} ± {np.std(v):.2f}" in out  # NumPy's population std (ddof=0)
+  assert "| nir_to_vis | 1,2,3,4 | 4 |" in out and "population std (ddof=0)" in out.splitlines()[0]
+  assert face.main(["--sample_std"] + paths) == 0
+  out = capsys.readouterr().out
+  v = [values[k]["rank1"] for k in (1, 2, 3, 4)]
+  assert f"{np.mean(v):.2f} ± {np.std(v, ddof=1):.2f}" in out and "sample std (ddof=1)" in out
+  with pytest.raises(ValueError, match="4 is scored by more than one report"):
+    aggregate.aggregate([face.fold_numbers(eval_report), face.fold_numbers(eval_report)])
+  assert face.main([paths[-1], paths[-1]]) == 1 and "scored by more than one report" in capsys.readouterr().err
   with pytest.raises(ValueError, match="config.json"):
     face.fold_numbers({"name": "x", "settings": {"nir_to_vis": dict(values[1], trials=1)}})
   with pytest.raises(ValueError, match="eval-mode report"):

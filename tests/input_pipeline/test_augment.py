@@ -1,10 +1,17 @@
-"""Augmentation ops against NumPy references and their defining properties."""
+"""Augmentation ops against NumPy references and their defining properties; the resize against Pillow."""
+
+import io
+import json
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
-from input_pipeline import augment
+from configs import default
+from fdnm_jax import run_config
+from fdnm_jax.errors import ConfigError
+from input_pipeline import augment, pipeline
 
 H, W = 12, 8
 RNG = np.random.default_rng(0)
@@ -39,11 +46,138 @@ def _bilinear_reference(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("size", [(24, 16), (5, 3), (H, W)])
-def test_resize_matches_bilinear_reference(size):
-  out = augment.resize(tf.constant(IMAGE), *size).numpy()
+def test_tf_bilinear_resize_matches_bilinear_reference(size):
+  out = augment.resize(tf.constant(IMAGE), *size, "tf_bilinear").numpy()
   np.testing.assert_allclose(out, _bilinear_reference(IMAGE.astype(np.float64), *size), atol=1e-5)
   if size == (H, W):
     np.testing.assert_array_equal(out, IMAGE)
+
+
+# --- The PIL resize against Pillow itself ---------------------------------------------------------------------------
+PIL_FILTERS = {"pil_lanczos": Image.Resampling.LANCZOS, "pil_bicubic": Image.Resampling.BICUBIC,
+               "pil_bilinear": Image.Resampling.BILINEAR}
+# Pillow computes each pass with 22-bit fixed-point weights and rounds it to uint8; ours is float32 and not rounded.
+# One pass: |ours - PIL| <= 1/2 (PIL's rounding) + the fixed-point and float32 error (<= 23 taps x 255 x 2^-23
+# + float32 accumulation, under 2e-3 for the sizes here).
+ONE_PASS = 0.5 + 2e-3
+
+
+def two_pass_bound(stored_height: int, height: int, method: str) -> float:
+  """|ours - PIL| bound of a resize of both axes: PIL also rounds (and clips, 1-Lipschitz) its horizontal pass,
+  an error <= ONE_PASS per pixel that the vertical weights carry times their largest absolute row sum (1 for the
+  non-negative bilinear weights, up to about 1.6 for the lobed filters), then rounds the output (ONE_PASS). The
+  weights are the ones the one-axis test checks against Pillow."""
+  row_sum = float(np.abs(augment.pil_resize_weights(stored_height, height, method).numpy()).sum(axis=1).max())
+  return ONE_PASS * (1.0 + row_sum)
+
+
+def _crop_like(height: int, width: int, seed: int) -> np.ndarray:
+  """uint8 [height, width, 3] with the content of a person crop: a smooth background gradient, a darker body with
+  sharp edges, striped clothing texture at a few pixels' period, and sensor noise."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:height, 0:width] / np.array([height, width])[:, None, None]
+  image = 90 + 80 * y[..., None] * np.array([1.0, 0.8, 0.6]) + 30 * x[..., None]
+  body = (np.abs(x - 0.5) < 0.22 + 0.05 * np.sin(9 * y)) & (y > 0.12) & (y < 0.95)
+  stripes = 40 * np.sign(np.sin(2 * np.pi * y * height / rng.uniform(3, 6)))
+  image[body] = np.array([60.0, 50.0, 120.0]) + stripes[body][:, None]
+  head = (x - 0.5) ** 2 / 0.02 + (y - 0.08) ** 2 / 0.004 < 1
+  image[head] = (200, 160, 130)
+  image += rng.normal(0, 8, image.shape)
+  return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def _encoded(image: np.ndarray, kind: str) -> bytes:
+  buf = io.BytesIO()
+  if kind == "jpeg":
+    Image.fromarray(image).save(buf, "JPEG", quality=90)
+  else:
+    Image.fromarray(image).save(buf, "BMP")
+  return buf.getvalue()
+
+
+def _pil_resize(pixels: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
+  """Pillow's `Image.resize` of uint8 [h, w, 3] to (height, width), as float64."""
+  return np.asarray(Image.fromarray(pixels).resize((width, height), PIL_FILTERS[method]), np.float64)
+
+
+def _pil_resize_horizontal_first(pixels: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
+  """Pillow's two passes in the references' order: a width-only resize, then a height-only one (each one pass).
+
+  The Pillow the references ran (< 10: it still had Image.ANTIALIAS) always resampled horizontally first, and
+  these two calls are exactly its two passes (its horizontal pass computes only the rows the vertical one reads:
+  the same values). The installed Pillow 13 runs the vertical pass first when the height shrinks and
+  2 (width_out - width_in) > height_out - height_in; for the lobed filters that order changes the pixels where
+  the first pass overshoots 0..255 and is clipped (by tens of grey levels on sharp edges).
+  """
+  image = Image.fromarray(pixels)
+  if image.width != width:
+    image = image.resize((width, image.height), PIL_FILTERS[method])
+  if image.height != height:
+    image = image.resize((width, height), PIL_FILTERS[method])
+  return np.asarray(image, np.float64)
+
+
+def _pillow_goes_horizontal_first(stored: tuple[int, int], height: int, width: int) -> bool:
+  """Whether the installed Pillow's one `resize` call also runs the horizontal pass first (docstring above)."""
+  return not (height < stored[0] and 2 * (width - stored[1]) > height - stored[0])
+
+
+# (stored size) -> (network input): RegDB's 128 x 64 up to 384 x 144, SYSU/LLCM-like crops down, odd sizes both
+# ways; the last two shrink the height and widen the image (the installed Pillow runs those vertically first).
+SIZES = [((128, 64), (384, 144)), ((500, 211), (384, 144)), ((301, 117), (384, 144)), ((37, 23), (288, 144)),
+         ((433, 97), (288, 144)), ((421, 131), (384, 144))]
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "bmp"])
+@pytest.mark.parametrize("method", list(PIL_FILTERS))
+def test_pil_resize_matches_pillow_on_encoded_crops(method, kind):
+  for i, (stored, (height, width)) in enumerate(SIZES):
+    data = _encoded(_crop_like(*stored, seed=i), kind)
+    decoded = pipeline.decode_bytes(tf.constant(data)).numpy()
+    # The pipeline's decoder gives PIL's own pixels (JPEG: the accurate IDCT PIL uses; BMP is lossless).
+    np.testing.assert_array_equal(decoded, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    ours = augment.resize(tf.constant(decoded), height, width, method).numpy()
+    assert ours.shape == (height, width, 3) and ours.dtype == np.float32
+    bound = two_pass_bound(stored[0], height, method)
+    gap = np.abs(ours - _pil_resize_horizontal_first(decoded, height, width, method))
+    assert gap.max() <= bound, (method, kind, stored, gap.max(), bound)
+    if _pillow_goes_horizontal_first(stored, height, width):
+      gap = np.abs(ours - _pil_resize(decoded, height, width, method))
+      assert gap.max() <= bound, (method, kind, stored, gap.max(), bound)
+
+
+@pytest.mark.parametrize("method", list(PIL_FILTERS))
+def test_pil_resize_one_axis_is_within_pillows_rounding(method):
+  """A resize of one axis is one pass: only Pillow's final rounding separates us."""
+  image = _crop_like(301, 117, seed=7)
+  for height, width in ((301, 144), (301, 50), (384, 117), (96, 117)):
+    gap = np.abs(augment.resize(tf.constant(image), height, width, method).numpy()
+                 - _pil_resize(image, height, width, method))
+    assert gap.max() <= ONE_PASS, (method, height, width, gap.max())
+
+
+def test_the_filters_and_the_unantialiased_resize_are_told_apart():
+  """The tolerances above separate the filters: each differs from the others' Pillow output by more than them."""
+  image = _crop_like(500, 211, seed=3)
+  lanczos = _pil_resize(image, 384, 144, "pil_lanczos")
+  for method in ("pil_bilinear", "pil_bicubic", "tf_bilinear"):
+    gap = np.abs(augment.resize(tf.constant(image), 384, 144, method).numpy() - lanczos).max()
+    assert gap > 2 * two_pass_bound(500, 384, "pil_lanczos"), (method, gap)
+
+
+def test_pil_resize_of_the_same_size_and_on_unknown_shapes():
+  image = _crop_like(40, 20, seed=1)
+  np.testing.assert_array_equal(augment.resize(tf.constant(image), 40, 20).numpy(), image)
+  # Inside tf.data the image shape is unknown until run time: the same numbers.
+  fn = tf.function(lambda x: augment.resize(x, 64, 32), input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+  np.testing.assert_allclose(fn(tf.constant(image)).numpy(), augment.resize(tf.constant(image), 64, 32).numpy(),
+                             atol=1e-4)  # float32 rounding of two equal matrix products in another order.
+  assert fn(tf.constant(image[:30])).numpy().shape == (64, 32, 3)
+
+
+def test_unknown_resize_method_names_the_field():
+  with pytest.raises(ConfigError, match=r"config.input.resize='area'.*pil_lanczos"):
+    augment.resize(tf.constant(IMAGE), 4, 4, "area")
 
 
 def test_grayscale_formula_and_probability():
@@ -139,6 +273,50 @@ def test_train_transform(input_config):
   input_config.random_erasing, input_config.channel_aug = 0.0, False
   plain = augment.train_transform(image, _seed(1), input_config).numpy()
   np.testing.assert_array_equal(plain, augment.eval_transform(image, 24, 16).numpy())
+  # the default resize is PIL's LANCZOS (Image.ANTIALIAS): within the two-pass bound, in [0, 1] units.
+  expected = ((_pil_resize(np.asarray(image), 24, 16, "pil_lanczos") / 255.0 - np.array(augment.IMAGENET_MEAN))
+              / np.array(augment.IMAGENET_STD))
+  assert input_config.resize == "pil_lanczos"
+  bound = two_pass_bound(IMAGE.shape[0], 24, "pil_lanczos") / 255.0 / min(augment.IMAGENET_STD)
+  assert np.abs(plain - expected).max() <= bound
+  # the eval transform follows config.input.resize too.
+  input_config.resize = "tf_bilinear"
+  plain = augment.train_transform(image, _seed(1), input_config).numpy()
+  np.testing.assert_array_equal(plain, augment.eval_transform(image, 24, 16, "tf_bilinear").numpy())
   expected = ((_bilinear_reference(np.asarray(image, np.float64) / 255.0, 24, 16) - np.array(augment.IMAGENET_MEAN))
               / np.array(augment.IMAGENET_STD))
   np.testing.assert_allclose(plain, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["pil_lanczos", "tf_bilinear"])
+def test_the_eval_stream_resizes_with_config_input_resize(tiny_sets, input_config, method):
+  """Test images go through the training resize: the eval stream of stored 32 x 16 images at 48 x 24 (upscaled) is
+  the Pillow-decoded file resized by `method` (Pillow's LANCZOS within the two-pass bound; tf_bilinear exactly the
+  op), normalised."""
+  image_set = tiny_sets["test_visible"]
+  input_config.height, input_config.width, input_config.resize = 48, 24, method
+  batch = next(pipeline.eval_batches(image_set, input_config, 8))
+  for row, i in enumerate(batch["index"][:3]):
+    pixels = np.asarray(Image.open(image_set.paths[i]).convert("RGB"))
+    if method == "pil_lanczos":
+      expected = _pil_resize_horizontal_first(pixels, 48, 24, method)
+      tolerance = two_pass_bound(pixels.shape[0], 48, method)
+    else:
+      expected = augment.resize(tf.constant(pixels), 48, 24, "tf_bilinear").numpy().astype(np.float64)
+      tolerance = 1e-4  # the same op; float32 rounding of the normalisation only.
+    normalised = (expected / 255.0 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
+    assert np.abs(batch["images"][row] - normalised).max() <= tolerance / 255.0 / min(augment.IMAGENET_STD)
+    if method == "pil_lanczos":  # the other method's pixels are outside that bound: the stream's choice shows.
+      other = augment.resize(tf.constant(pixels), 48, 24, "tf_bilinear").numpy()
+      assert np.abs(other - expected).max() > 2 * tolerance
+
+
+def test_a_workdir_written_before_config_input_resize_keeps_its_resize(tmp_path):
+  """Runs stored without the field were trained and tested with tf.image.resize: reading them back keeps that."""
+  old = default.get_config().to_dict()
+  del old["input"]["resize"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert run_config.load_stored(str(tmp_path)).input.resize == "tf_bilinear"
+  new = default.get_config().to_dict()
+  (tmp_path / "config.json").write_text(json.dumps(new))
+  assert run_config.load_stored(str(tmp_path)).input.resize == "pil_lanczos"
