@@ -16,7 +16,9 @@ Every mistake of the user's (a flag, the config file, a config field, the workdi
 traceback. `--help` prints the flags and exits 0.
 """
 
+import difflib
 import os
+import re
 import sys
 from typing import Optional
 
@@ -81,8 +83,7 @@ def _unknown_override(args: list[str], key_error: str) -> str:
   override = next((a.split("=", 1)[0] for a in args if a.startswith("--config.")
                    and name in a.split("=", 1)[0][len("--config."):].split(".")), None)
   field = override[len("--config."):] if override else name
-  import difflib  # pylint: disable=g-import-not-at-top
-  close = difflib.get_close_matches(field, list(run_config.flatten(run_config._defaults())), n=1)  # pylint: disable=protected-access
+  close = difflib.get_close_matches(field, run_config.known_fields(), n=1)
   hint = f" (did you mean --config.{close[0]}?)" if close else ""
   return (f"--config.{field}: the config has no field {field}{hint}; configs/default.py lists every field, "
           "python main.py --helpfull lists the overrides.")
@@ -99,16 +100,23 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     rest = FLAGS(argv)
   except flags.Error as e:  # an unknown flag, a value of the wrong type (absl's message names it).
-    _fail(f"{e}. python main.py --help lists the flags.")
-  except (AttributeError, KeyError) as e:  # an override of a field (AttributeError) or section that does not exist.
-    cause = e.args[0] if isinstance(e, AttributeError) and e.args else e
-    _fail(_unknown_override(args, str(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause)))
+    text = str(e)
+    if path and "Error whilst parsing config file" in text:  # config_flags keeps the file's error as text.
+      lines = [line.strip() for line in text.splitlines() if line.strip()]
+      where = re.findall(r'File "([^"]+)", line (\d+)', text)
+      line = next((n for f, n in reversed(where) if os.path.abspath(f) == os.path.abspath(path)), "?")
+      _fail(f"config file {path}, line {line}: {lines[-1]}. Fix the file.")
+    _fail(f"{text}. python main.py --help lists the flags.")
   except SyntaxError as e:
     _fail(f"config file {e.filename}, line {e.lineno}: {e.msg}: {(e.text or '').strip()!r}. Fix the file.")
   except Exception as e:  # pylint: disable=broad-except
-    if path and _raised_in(e, path):
-      _fail(f"config file {path}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            ". Fix the file.")
+    line = _line_in(e, path) if path else None
+    if line is not None:  # raised by the user's config file itself
+      text = " ".join(str(e).split()) if str(e).strip() else ""
+      _fail(f"config file {path}, line {line}: {type(e).__name__}: {text}. Fix the file.")
+    if isinstance(e, (AttributeError, KeyError)):  # an override of a field (AttributeError) or section (KeyError)
+      cause = e.args[0] if isinstance(e, AttributeError) and e.args else e
+      _fail(_unknown_override(args, str(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause)))
     raise
   if path is not None:
     if not os.path.isfile(path):
@@ -121,15 +129,16 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
-def _raised_in(error: BaseException, path: str) -> bool:
-  """Whether the traceback of `error` passes through the file `path` (the user's config file)."""
+def _line_in(error: BaseException, path: str) -> Optional[int]:
+  """The line of the file `path` (the user's config file) where the traceback of `error` last passes, or None."""
   target = os.path.abspath(path)
+  line = None
   tb = error.__traceback__
   while tb is not None:
     if os.path.abspath(tb.tb_frame.f_code.co_filename) == target:
-      return True
+      line = tb.tb_lineno
     tb = tb.tb_next
-  return "Error whilst parsing config file" in str(error)
+  return line
 
 
 def _hide_accelerators_from_tf() -> None:

@@ -207,6 +207,11 @@ def _defaults() -> dict:
   return default.get_config().to_dict()
 
 
+def known_fields() -> list[str]:
+  """Every dotted field name of configs/default.py (e.g. "model.width"), sorted."""
+  return sorted(flatten(_defaults()))
+
+
 def _from_saved(saved: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_merged(_defaults(), _tuples(saved)))
 
