@@ -652,9 +652,10 @@ def problems(config: ml_collections.ConfigDict, fresh: bool = True) -> list[str]
     close = difflib.get_close_matches(key, list(defaults), n=1)
     out.append(f"{key}: not a field of fdnm-jax" + (f" (did you mean {close[0]}?)" if close else "")
                + "; configs/default.py lists every field")
-  for key in sorted(set(defaults) - set(given)):
+  missing = sorted(set(defaults) - set(given))
+  for key in missing:
     out.append(f"{key}: missing; build configs from configs.default.get_config()")
-  typed = True
+  typed = not missing
   for key in sorted(set(given) & set(defaults)):
     value, default = given[key], defaults[key]
     if not _type_ok(value, default):

@@ -372,8 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_co
   Before anything is written or a model is built, the whole config is validated (`run_config.validate`) and
   compared with the workdir's stored config (`run_config.check_contract`: a resume whose trained fields differ
   stops, unless `allow_config_change`, which records the change in config_history.jsonl once the run is
-  restored). `<workdir>/config.json` is written once, on a fresh run, after the run is built (data read, model and
-  state set up), so a run that fails to start binds no contract.
+  restored). `<workdir>/config.json` is written once, on a fresh run, after the run is built (its data read and
+  checked, the model and the state's shapes and shardings set up), so a run that fails to start binds no contract.
 
   Returns:
     The final evaluation report (also written to `<workdir>/results/<name>.json`).

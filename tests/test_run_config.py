@@ -124,6 +124,12 @@ def test_a_field_a_config_file_adds_by_mistake_is_named_with_the_closest_field()
   assert problem.startswith("model.widht: not a field of fdnm-jax (did you mean model.width?)")
 
 
+def test_a_missing_field_is_named():
+  config = ml_collections.ConfigDict(tiny.get_config().to_dict())
+  del config.data["root"]
+  assert run_config.problems(config) == ["data.root: missing; build configs from configs.default.get_config()"]
+
+
 def test_fields_that_depend_on_each_other():
   # AGP's gate splits C = width * 2**(s-1) * 4 channels into agp_groups groups (tiny: width 8 -> 32 after stage 1).
   assert any("model.agp_groups=3: does not divide the 32 channels after stage 1" in p

@@ -112,7 +112,7 @@ def format_summary(report: dict) -> str:
   peers' published numbers for the same settings (`published.format_published`, labelled quoted, not measured)."""
   title = f"{report['name']} ({report['dataset']}), " + (
       "UNTRAINED" if report["untrained"] else f"checkpoint step {report['step']}") + (
-      f", {report['init']}" if report.get("init") else "")
+      f", {report['init']}" if report.get("init") and not report["untrained"] else "")
   lines = [f"# Evaluation: {title}", ""]
   lines += [f"**{b}**" for b in _banners(report)] + ([""] if _banners(report) else [])
   lines += [f"- checkpoint: {report['checkpoint'] or 'none (untrained)'}",
