@@ -37,4 +37,5 @@ def get_config():
   config.model.agp_stages = (1, 2)
   config.model.anm_stage = 4
   config.loss.cnm_weight = 0.8
+  config.model.require_pretrained = True  # ImageNet init is the recipe: weights path, or "none".
   return config

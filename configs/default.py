@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.skip_missing_images = False  # CASIA NIR-VIS 2.0: skip (and count) listed images that are not on disk.
   config.data.data_dir = ""  # prepared TFDS folder (python -m input_pipeline.prepare; local or gs://); wins over root.
   config.data.num_val_ids = 0  # the N largest training ids held out for validation (0 = the paper's training set).
+  config.data.skip_corrupt = False  # read from root: leave out (and count) images whose header check fails, not stop.
 
   config.synthetic = ml_collections.ConfigDict()
   config.synthetic.num_train_ids = 48  # identities in the synthetic train split.
@@ -63,7 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_parts = 0  # horizontal stripes pooled as local features; 0 = global features only.
   config.model.bn_momentum = 0.9  # BatchNorm running-average decay (PyTorch momentum 0.1).
   config.model.spectral_transform = "fft"  # AGP/ANM FFTs: fft (jnp.fft) | dft_matmul (DFT matrix products).
-  config.model.pretrained = ""  # path of torchvision-layout ResNet-50 weights; "" = random init.
+  config.model.pretrained = ""  # torchvision-layout ResNet weights (.npz/.safetensors/.pth); "none" or "" = random init.
+  config.model.require_pretrained = False  # a fresh run needs model.pretrained (a path, or "none" said explicitly).
 
   config.loss = ml_collections.ConfigDict()
   config.loss.id_weight = 1.0  # weight of the cross-entropy ID loss.

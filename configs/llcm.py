@@ -29,4 +29,5 @@ def get_config():
   config.input.height = 384
   config.input.width = 144
   config.input.erasing_area = (0.02, 0.4)
+  config.model.require_pretrained = True  # ImageNet init is the recipe: weights path, or "none".
   return config

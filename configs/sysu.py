@@ -30,4 +30,5 @@ def get_config():
   config.input.height = 384
   config.input.width = 144
   config.input.erasing_area = (0.2, 0.8)
+  config.model.require_pretrained = True  # ImageNet init is the recipe: weights path, or "none".
   return config

@@ -19,7 +19,7 @@ import json
 import os
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from flax import traverse_util
@@ -184,19 +184,48 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format (PyTorch >= 1.6) is a zip archive.
+_PICKLE_PROTOCOLS = range(2, 6)  # the legacy format starts with a pickle: 0x80 <protocol>.
+
+
+def _check_torch_magic(path: str) -> None:
+  """Raises CheckpointError when `path` is neither a zip archive nor a pickle (a text file, an HTML error page)."""
+  with open(path, "rb") as f:
+    head = f.read(16)
+  if head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS):
+    return
+  kind = "is empty" if not head else f"starts with {head[:12]!r}" + (
+      " (text: a download error page, or a path written into the file?)"
+      if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "")
+  raise CheckpointError(
+      f"pretrained weights {path!r} are not a PyTorch checkpoint: a .pth/.pt file is a zip archive or a pickle, "
+      f"this file {kind}. Download torchvision's resnet50-0676ba61.pth again "
+      "(https://download.pytorch.org/models/resnet50-0676ba61.pth) or pass a converted .npz.")
+
+
 def _read_torch(path: str) -> dict[str, np.ndarray]:
+  _check_torch_magic(path)
   try:
     import torch  # optional dependency
   except ImportError:
     raise MissingDependencyError(
         f"{path}: reading a .pth/.pt file needs torch, which is not installed; convert it once with "
         f"`python -m fdnm_jax.convert --src {path} --dst weights.npz` on a machine with torch") from None
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pickle.UnpicklingError (objects other than tensors), a truncated zip, ...
+    # torch's message suggests weights_only=False, which would run any code the file holds: never passed on.
+    raise CheckpointError(
+        f"pretrained weights {path!r} could not be loaded as tensors only (torch.load(weights_only=True) failed: "
+        f"{type(e).__name__}). The file is truncated, or holds Python objects besides tensors. Save only the state "
+        "dict (torch.save(model.state_dict(), path)) on a machine you trust, or download torchvision's "
+        "resnet50-0676ba61.pth again, then convert it with python -m fdnm_jax.convert.") from None
   for key in ("state_dict", "model"):
     if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
       obj = obj[key]
   if not isinstance(obj, Mapping):
-    raise ValueError(f"holds a {type(obj).__name__}, not a state dict")
+    raise CheckpointError(f"pretrained weights {path!r} hold a {type(obj).__name__}, not a state dict (name -> "
+                          "tensor).")
   return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
           for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
@@ -220,7 +249,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
                       "or .pt")
   try:
     return readers[ext](path)
-  except ImportError:
+  except (ImportError, CheckpointError):
     raise
   except Exception as e:  # zipfile.BadZipFile, EOFError, pickle / JSON errors, ...
     raise CheckpointError(f"pretrained weights {path!r} could not be read (truncated or corrupt?): "
@@ -235,3 +264,25 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
 def load_converted(path: str, stage_sizes: Sequence[int] = (3, 4, 6, 3), width: int = 64) -> tuple[dict, dict]:
   """`convert(load_state_dict(path))`: host NumPy (params, batch_stats) trees."""
   return convert(load_state_dict(path), source=path, stage_sizes=stage_sizes, width=width)
+
+
+def weights_path(model_config: Any) -> Optional[str]:
+  """The weights file `config.model.pretrained` names, or None for a random init ("" or "none")."""
+  value = str(model_config.get("pretrained", "") or "").strip()
+  return None if value.lower() in ("", "none") else value
+
+
+def init_label(model_config: Any) -> str:
+  """How a run's backbone was initialised, for reports: "from scratch" or "ImageNet (<file name>)"."""
+  path = weights_path(model_config)
+  return "from scratch" if path is None else f"ImageNet ({os.path.basename(path)})"
+
+
+def check_weights(path: str, stage_sizes: Sequence[int] = (3, 4, 6, 3), width: int = 64) -> None:
+  """Reads `path` and checks every name and shape against the Bottleneck ResNet (`convert`'s checks) without
+  converting: what a fresh run does before it touches its workdir.
+
+  Raises:
+    MissingFileError, ConfigError, CheckpointError, MissingDependencyError: as `load_state_dict` and `convert`.
+  """
+  convert(load_state_dict(path), source=path, stage_sizes=stage_sizes, width=width)

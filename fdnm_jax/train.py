@@ -27,8 +27,8 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 from etils import epath
 
-from fdnm_jax import checkpoints, distributed, losses, optim, pretrained, sharding
-from fdnm_jax.errors import ConfigError, NonFiniteLossError, WorkdirError
+from fdnm_jax import checkpoints, distributed, losses, optim, pretrained, run_config, sharding
+from fdnm_jax.errors import NonFiniteLossError, WorkdirError
 from fdnm_jax.evaluation import evaluator
 from fdnm_jax.models.fdnm import fdnm_from_config
 from input_pipeline import pipeline, sources
@@ -134,14 +134,24 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_config: m
   return train_step
 
 
+# The logged terms in the order a train step computes them (losses.total_loss: the ID loss, the triplet, L_cnm, the
+# orthogonality term, their weighted total; then the gradient): when several are non-finite, the first in this order
+# is where it went bad. Terms not listed here come after them, by name.
+TERMS_IN_COMPUTE_ORDER = ("id", "triplet", "cnm", "ortho", "total", "grad_norm")
+
+
 def check_finite(metrics: dict[str, float], step: int) -> None:
-  """Raises NonFiniteLossError naming the step (1-based, as logged) and the first non-finite term."""
-  bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+  """Raises NonFiniteLossError naming the step (1-based, as logged) and the first non-finite term in the order the
+  step computes them (TERMS_IN_COMPUTE_ORDER), with every term's value."""
+  order = ([k for k in TERMS_IN_COMPUTE_ORDER if k in metrics]
+           + sorted(k for k in metrics if k not in TERMS_IN_COMPUTE_ORDER))
+  bad = [k for k in order if not math.isfinite(metrics[k])]
   if bad:
-    terms = ", ".join(f"{k}={metrics[k]}" for k in sorted(metrics))
+    terms = ", ".join(f"{k}={metrics[k]}" for k in order)
     raise NonFiniteLossError(
-        f"non-finite loss at step {step}: term {bad[0]!r} is {metrics[bad[0]]} ({terms}). "
-        "Lower config.optim.base_lr/head_lr, check the input images, or resume from the last checkpoint.")
+        f"non-finite loss at step {step}: term {bad[0]!r} is {metrics[bad[0]]}, the first to go bad in the order "
+        f"the step computes them ({terms}). Lower config.optim.base_lr/head_lr, check the input images, or resume "
+        "from the last checkpoint.")
 
 
 def ensure_writable_dir(path: str) -> None:
@@ -176,10 +186,18 @@ def write_json(path: str, obj: Any) -> None:
 
 
 class MetricsLog:
-  """Writes logged train metrics to clu writers (console, TensorBoard) and `metrics.jsonl`.
+  """Writes logged metrics to clu writers (console, TensorBoard) and `<workdir>/metrics.jsonl`: one history per run.
 
-  Only process 0 writes files; the other hosts log to the console. On gs:// (no appends) the whole
-  metrics.jsonl is rewritten at each write.
+  metrics.jsonl holds one JSON object per line, {"step": s, "<kind>/<name>": value, ...}, where the kind is the
+  first part of the keys ("train", "test", "validation"). A step has at most one row of each kind: writing a kind
+  again at the same step replaces its row (a finished run evaluated again). `resume(step)` drops the rows logged
+  after the step a run restarts from (a killed run logged them after its last checkpoint; the resumed run logs them
+  again) and says so with a row {"event": "resumed", "step": s, "dropped_rows": n}. Readers of the metrics take the
+  rows that have the keys they want (e.g. "train/total"); event rows have no metric keys.
+
+  Only process 0 writes files; the other hosts log to the console. Local files are rewritten atomically (temp
+  file + rename) when rows are dropped or replaced, appended to otherwise; on gs:// (no appends) the whole file is
+  rewritten at each write.
   """
 
   def __init__(self, workdir: str):
@@ -188,24 +206,81 @@ class MetricsLog:
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.remote = checkpoints.is_remote(workdir)
     self.lines: list[str] = []
-    if self.is_main and self.remote and self.path.exists():
-      self.lines = self.path.read_text().splitlines(keepends=True)
-    self.jsonl = open(self.path, "a") if self.is_main and not self.remote else None
+    if self.is_main and self.path.exists():
+      self.lines = [line + "\n" for line in self.path.read_text().splitlines()]
+    self._index()
+
+  @staticmethod
+  def _parse(line: str) -> Optional[dict]:
+    """The JSON object of a line; None for a line that is not one (the torn last line of a killed write)."""
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      return None
+    return row if isinstance(row, dict) and "step" in row else None
+
+  @staticmethod
+  def _key(row: dict) -> Optional[tuple]:
+    """(step, kinds) of a metrics row; None for an event row."""
+    if "event" in row:
+      return None
+    return int(row["step"]), tuple(sorted({k.split("/", 1)[0] for k in row if k != "step"}))
+
+  def _index(self) -> None:
+    self._rows = {}
+    for i, line in enumerate(self.lines):
+      row = self._parse(line)
+      if row is not None and self._key(row) is not None:
+        self._rows[self._key(row)] = i
+
+  def _rewrite(self) -> None:
+    text = "".join(self.lines)
+    if self.remote:
+      self.path.write_text(text)
+    else:
+      run_config.write_atomically(str(self.path), text)
+
+  def resume(self, step: int, will_train: bool = True) -> int:
+    """Drops every row logged after `step` (and any torn line of a killed write) before a run continues from the
+    checkpoint at `step` (0: none); returns how many lines were dropped. Records the resume as an event row when
+    lines were dropped, or when a run continues training from a checkpoint (`will_train` and step > 0).
+    """
+    if not self.is_main:
+      return 0
+    kept = [line for line in self.lines
+            if (row := self._parse(line)) is not None and int(row["step"]) <= step]
+    dropped = len(self.lines) - len(kept)
+    self.lines = kept
+    if dropped or (will_train and step > 0):
+      self.lines.append(json.dumps({"event": "resumed", "step": int(step), "dropped_rows": dropped}) + "\n")
+      if dropped:
+        logging.info("metrics.jsonl: dropped %d row(s) logged after step %d, the step this run resumes from.",
+                     dropped, step)
+      self._rewrite()
+    self._index()
+    return dropped
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     self.writer.write_scalars(step, scalars)
-    line = json.dumps({"step": step, **scalars}) + "\n"
-    if self.jsonl:
-      self.jsonl.write(line)
-      self.jsonl.flush()
-    elif self.is_main:
-      self.lines.append(line)
-      self.path.write_text("".join(self.lines))
+    if not self.is_main:
+      return
+    row = {"step": step, **scalars}
+    line = json.dumps(row) + "\n"
+    key = self._key(row)
+    if key in self._rows:  # the same kind of row at the same step: the new one supersedes it.
+      self.lines[self._rows[key]] = line
+      self._rewrite()
+      return
+    self._rows[key] = len(self.lines)
+    self.lines.append(line)
+    if self.remote:
+      self._rewrite()
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
 
   def close(self) -> None:
     self.writer.flush()
-    if self.jsonl:
-      self.jsonl.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,8 +321,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   def init_state():
     # Pretrained weights: read and converted on the host only for a fresh state (a resume never calls this),
     # then passed to the jitted init as an argument and merged before tx.init.
-    weights = (pretrained.load_converted(config.model.pretrained, model.stage_sizes, model.width)
-               if config.model.pretrained not in ("", "none") else None)  # "none": from scratch, said so.
+    path = pretrained.weights_path(config.model)
+    weights = pretrained.load_converted(path, model.stage_sizes, model.width) if path else None
     return init_sharded(rng, weights)
 
   rng = jax.random.key(config.seed)
@@ -278,7 +353,8 @@ def _run_eval(model, state, source, config, mesh, workdir, step, log: MetricsLog
   scalars = {f"{source.split}/{d}/{k}": v for d, r in results.items() for k, v in r.items() if not isinstance(v, list)}
   log.write(step, {k: float(v) for k, v in scalars.items()})
   report = {"name": config.name, "dataset": config.dataset, "protocol": source.protocol, "step": step,
-            "checkpoint_dir": checkpoints.checkpoint_dir(workdir), "settings": results,
+            "init": pretrained.init_label(config.model), "checkpoint_dir": checkpoints.checkpoint_dir(workdir),
+            "settings": results,
             "num_params": count_params(state.params), "train_step_seconds": train_step_seconds,
             "eval_split": source.split, "model_selection_split": sources.model_selection_split(source, config),
             "gallery_sampling": {s.name: s.family for s in evaluator.protocols.settings_for(source, config)}}
@@ -290,31 +366,47 @@ def _run_eval(model, state, source, config, mesh, workdir, step, log: MetricsLog
   return report
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates at the end.
+
+  Before anything is written or a model is built, the whole config is validated (`run_config.validate`) and
+  compared with the workdir's stored config (`run_config.check_contract`: a resume whose trained fields differ
+  stops, unless `allow_config_change`, which records the change in config_history.jsonl once the run is
+  restored). `<workdir>/config.json` is written once, on a fresh run, after the run is built (its data read and
+  checked, the model and the state's shapes and shardings set up), so a run that fails to start binds no contract.
 
   Returns:
     The final evaluation report (also written to `<workdir>/results/<name>.json`).
   Raises:
+    ConfigError: bad config fields (all named), or a mesh that does not fit the devices.
+    WorkdirError: the workdir holds a run with other trained fields (listed), or it is not writable.
     NonFiniteLossError: a loss term became NaN/inf (the message names the step and the term).
     Preempted: a preemption notice (SIGTERM) arrived; the checkpoint of the current step is saved.
   """
   workdir = checkpoints.absolute(workdir)
+  fresh = run_config.load_effective(workdir) is None
+  run_config.validate(config, fresh=fresh)
+  contract = run_config.check_contract(workdir, config, "resume", allow_config_change)
+  weights = pretrained.weights_path(config.model)
+  if contract.fresh and weights:  # names, shapes and a readable file, before the workdir is touched.
+    pretrained.check_weights(weights, config.model.stage_sizes, config.model.width)
+  run_config.validate_for_devices(config, jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
   if jax.process_index() == 0:  # the other hosts write only their checkpoint shards (orbax makes the folders).
     ensure_writable_dir(workdir)
-    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-
-  mesh = sharding.make_mesh(config.mesh)
-  global_pk = config.input.num_ids_per_batch * config.input.num_instances
-  if global_pk % sharding.num_batch_shards(mesh):
-    raise ConfigError(f"P*K = {global_pk} images per modality do not split over the {sharding.num_batch_shards(mesh)} "
-                      "batch shards of the mesh: change config.input.num_ids_per_batch/num_instances or config.mesh.")
+  if contract.describe_free():
+    logging.info("Fields that differ from the run's stored config and change only logging, checkpointing or "
+                 "evaluation (allowed): %s", contract.describe_free())
   run = build_run(config, workdir, mesh)
   source = run.source
-  logging.info("%s: %d train ids, %d visible + %d infrared train images; %d steps/epoch, %d steps; mesh %s",
+  logging.info("%s: %d train ids, %d visible + %d infrared train images; %d steps/epoch, %d steps; mesh %s; init: %s",
                source.name, run.num_classes,
                len(source.train_visible), len(source.train_infrared), run.steps_per_epoch, run.total_steps,
-               dict(mesh.shape))
+               dict(mesh.shape), pretrained.init_label(config.model))
+  if contract.fresh and jax.process_index() == 0:
+    if run_config.latest_checkpoint_step(workdir) is not None:
+      logging.warning("%s has checkpoints but no config.json: writing this command's config as the run's.", workdir)
+    run_config.write_stored(workdir, config)
 
   manager = checkpoints.make_manager(workdir, config.checkpoint)
   log = MetricsLog(workdir)
@@ -325,6 +417,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("Resumed from the checkpoint at step %d", start_step)
     else:
       state, start_step = run.init_state(), 0
+    log.resume(start_step, will_train=start_step < run.total_steps)
+    if contract.accepted and jax.process_index() == 0:
+      run_config.record_segment(workdir, contract, start_step)
+      logging.warning("Config changed from step %d on (--allow_config_change; recorded in %s): %s", start_step,
+                      run_config.history_path(workdir), "; ".join(str(c) for c in contract.accepted))
     step_seconds = None
     if start_step < run.total_steps:
       state, step_seconds = _train_loop(config, workdir, mesh, run, state, start_step, manager, log, watch)

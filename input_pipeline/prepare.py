@@ -8,12 +8,14 @@
 Steps: (1) validate the layout with the data set's reader (the first missing folder or file is named, with the
 expected tree); (2) count identities and images and compare them with the published counts (differences are
 reported, not fatal: a partial download still builds); (3) build, decoding every image once: a corrupt, truncated
-or empty image stops the build naming its path, unless --skip_corrupt (then it is left out and counted).
+or empty image stops the build naming its path, unless --skip_corrupt (then it is left out and counted); a build
+that stops leaves no empty folders behind under --data_dir.
 Prints the folder to pass as --config.data.data_dir. Exit status: 0 built, 1 layout / corrupt-image error.
 """
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -70,13 +72,51 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, splits: Sequence[int] 
       print("  official gallery permutations exp/rand_perm_cam.mat: "
             + ("found" if output.metadata.get("rand_perm_cam") else "absent (only seeded gallery sampling)"),
             file=out)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    before = _folders(data_dir)
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except BaseException:
+      _remove_new_empty_folders(data_dir, before)
+      raise
     if builder.skipped:
       print(f"  skipped {len(builder.skipped)} corrupt image(s) (--skip_corrupt), e.g. {builder.skipped[:5]}",
             file=out)
     print(f"  prepared: --config.data.data_dir={builder.data_path}", file=out)
     folders.append(str(builder.data_path))
   return folders
+
+
+_FOLDER_DEPTH = 4  # data_dir/<data set>/<config>/<version>: the folders tfds makes (and downloads/extracted).
+
+
+def _folders(data_dir: str) -> set[str]:
+  """The folders under a local `data_dir` (itself included) down to _FOLDER_DEPTH levels; empty for gs://."""
+  if "://" in data_dir:
+    return set()
+  root = os.path.abspath(data_dir)
+  found = set()
+  if not os.path.isdir(root):
+    return found
+  level = [root]
+  for _ in range(_FOLDER_DEPTH + 1):
+    found.update(level)
+    level = [e.path for d in level for e in os.scandir(d) if e.is_dir(follow_symlinks=False)]
+  return found
+
+
+def _remove_new_empty_folders(data_dir: str, before: set[str]) -> None:
+  """After a failed build: removes the empty folders the build made under `data_dir` (and `data_dir` itself when
+  the build made it), deepest first; folders that existed before, or hold anything, stay."""
+  if "://" in data_dir:
+    return
+  root = os.path.abspath(data_dir)
+  made = sorted((_folders(data_dir) | ({root} if os.path.isdir(root) else set())) - before,
+                key=lambda p: p.count(os.sep), reverse=True)
+  for folder in made:
+    try:
+      os.rmdir(folder)  # only succeeds on an empty folder.
+    except OSError:
+      pass
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

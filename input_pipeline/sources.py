@@ -17,17 +17,20 @@ config.data.num_val_ids > 0 holds out the last N training identities as `DataSou
 """
 
 import dataclasses
+import logging
 import os
 from typing import Optional
 
 import ml_collections
 import numpy as np
 
-from fdnm_jax.errors import ConfigError
+from fdnm_jax.errors import ConfigError, DataError
+from input_pipeline import image_check
 from input_pipeline.datasets import casia_builder, llcm, regdb, synthetic, sysu, tfds_builders
 from input_pipeline.datasets.image_set import ImageSet
 
 KNOWN_DATASETS = ("synthetic", "regdb", "sysu", "llcm", "casia_nir_vis")
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,14 +174,51 @@ def synthetic_root(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def load_source(config: ml_collections.ConfigDict, workdir: str) -> DataSource:
-  """Reads (and for the synthetic set, first generates) the image lists of `config.dataset`.
+  """Reads (and for the synthetic set, first generates) the image lists of `config.dataset`, and checks every image
+  read from a folder once (`check_images`).
 
   Raises:
     ValueError: unknown data set name, missing data root (regdb, sysu, llcm) or a malformed list file.
     FileNotFoundError: the data set's layout is incomplete (the message names the file).
+    DataError: an empty, truncated or non-image file (named), without config.data.skip_corrupt.
   """
-  source = _load(config, workdir)
+  source = check_images(_load(config, workdir), bool(config.data.get("skip_corrupt", False)))
   return hold_out_validation(source, int(config.data.get("num_val_ids", 0)))
+
+
+def check_images(source: DataSource, skip_corrupt: bool = False) -> DataSource:
+  """Checks the header of every image the source reads from files (`image_check.check_files`: size, signature,
+  dimensions, length; not the pixels) and logs a counted summary. Prepared sets (ImageSet.encoded) were decoded
+  by `prepare` and are not checked again.
+
+  Returns:
+    `source`, or with skip_corrupt the source without the unreadable images (train and test sets alike).
+  Raises:
+    DataError: unreadable images (the first ones named), unless skip_corrupt.
+  """
+  sets = {"train visible": source.train_visible, "train infrared": source.train_infrared,
+          **{f"test {k}": v for k, v in source.test_sets.items()}}
+  from_files = {k: v for k, v in sets.items() if v.encoded is None and len(v)}
+  if not from_files:
+    return source
+  summary = image_check.check_files([p for s in from_files.values() for p in s.paths])
+  what = f"{source.name} images ({', '.join(from_files)})"
+  if summary.corrupt and not skip_corrupt:
+    raise DataError(image_check.corrupt_message(summary.corrupt, "--config.data.skip_corrupt=true"))
+  if not summary.corrupt:
+    _log.info("%s", summary.describe(what))
+    return source
+  _log.warning("%s; left out (config.data.skip_corrupt).", summary.describe(what))
+  bad = {c.path for c in summary.corrupt}
+
+  def keep(s: ImageSet) -> ImageSet:
+    if s.encoded is not None:
+      return s
+    return s.subset([i for i, p in enumerate(s.paths) if p not in bad])
+
+  return dataclasses.replace(source, train_visible=keep(source.train_visible),
+                             train_infrared=keep(source.train_infrared),
+                             test_sets={k: keep(v) for k, v in source.test_sets.items()})
 
 
 def _load(config: ml_collections.ConfigDict, workdir: str) -> DataSource:

@@ -30,6 +30,7 @@ def face_config(root, row="full"):
   config.input.height = config.input.width = 32
   config.data.root = root
   config.evals.face_folds = (1, 2)
+  config.model.pretrained = "none"  # the recipe's ImageNet init, declined: a random tiny ResNet.
   return config
 
 

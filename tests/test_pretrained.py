@@ -11,6 +11,7 @@ import pytest
 from flax import traverse_util
 
 from fdnm_jax import pretrained, sharding, train
+from fdnm_jax.errors import CheckpointError
 from fdnm_jax.models import resnet
 from tests.configs import tiny
 
@@ -269,7 +270,33 @@ def test_config_pretrained_loads_into_stems_and_stages_only(tmp_path):
 
 def test_pth_without_torch_says_how_to_convert(tmp_path, monkeypatch):
   path = tmp_path / "w.pth"
-  path.write_bytes(b"not read")
+  path.write_bytes(b"PK\x03\x04 a zip archive's signature, not read further")
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
   with pytest.raises(ImportError, match=r"needs torch.*python -m fdnm_jax.convert"):
     pretrained.load_state_dict(str(path))
+
+
+@pytest.mark.parametrize("content", [b"hello, this is text\n", b"<html><body>403 Forbidden</body></html>", b""])
+def test_a_pth_that_is_not_a_checkpoint_is_named_without_torchs_unsafe_advice(tmp_path, content):
+  path = tmp_path / "resnet50-0676ba61.pth"
+  path.write_bytes(content)
+  with pytest.raises(CheckpointError) as e:
+    pretrained.load_state_dict(str(path))
+  message = str(e.value)
+  assert str(path) in message and "not a PyTorch checkpoint" in message
+  assert "download.pytorch.org/models/resnet50-0676ba61.pth" in message
+  assert "weights_only" not in message
+
+
+@needs_torch
+def test_a_pickle_of_objects_is_refused_without_torchs_unsafe_advice(tmp_path):
+  import datetime  # pylint: disable=g-import-not-at-top
+  import pickle  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "w.pth"
+  with open(path, "wb") as f:
+    pickle.dump({"conv1.weight": datetime.date(2020, 1, 1)}, f, protocol=2)  # not a tensor: torch refuses it
+  with pytest.raises(CheckpointError) as e:
+    pretrained.load_state_dict(str(path))
+  message = str(e.value)
+  assert "torch.load(weights_only=True) failed: UnpicklingError" in message
+  assert "weights_only=False" not in message and "weights_only` set to `False" not in message

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fdnm_jax import train
+from fdnm_jax.errors import NonFiniteLossError
 from tests import subprocesses
 from tests.configs import tiny
 
@@ -81,27 +82,41 @@ def test_rerun_of_a_finished_workdir_does_not_train_again(trained):
 
 @pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted_run(trained, tmp_path):
+  """kill -9 after step 3 was logged (the last checkpoint is step 2's), resume: the numbers are the uninterrupted
+  run's, and metrics.jsonl holds one row per logged step (the killed run's step-3 row is dropped, then logged again
+  by the resumed run) with a record of the resume."""
   reference, _ = trained
   workdir = str(tmp_path / "killed")
   env = subprocesses.env(devices=1)
-  # An evaluation right after the step-2 checkpoint holds the run there for a few seconds: the kill
-  # lands after that checkpoint and before the end (evaluation does not change the training trajectory).
+  # An evaluation right after step 3 is logged holds the run there for seconds: the kill lands after the step-2
+  # checkpoint and the step-3 row, before the step-4 checkpoint (evaluation does not change the trajectory).
   proc = subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"), f"--config={TINY}",
-                           f"--workdir={workdir}", "--config.evals.every_steps=2"], cwd=REPO, env=env,
+                           f"--workdir={workdir}", "--config.evals.every_steps=3"], cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt = os.path.join(workdir, "checkpoints", "2")
+  metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300
-  while not os.path.isdir(ckpt) and proc.poll() is None and time.time() < deadline:
+  while proc.poll() is None and time.time() < deadline:
+    if os.path.exists(metrics) and 3 in [r["step"] for r in train_rows(workdir)]:
+      break
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert os.path.isdir(ckpt), "the run never wrote its step-2 checkpoint"
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2")), "the run never wrote its step-2 checkpoint"
   assert not os.path.exists(os.path.join(workdir, "checkpoints", "4")), "the run finished before the kill"
-  run_main(workdir)
+  assert [r["step"] for r in train_rows(workdir)] == [1, 2, 3]  # step 3 is logged beyond the checkpoint.
+  run_main(workdir, "--config.evals.every_steps=3")
   got, want = final_metrics(workdir), final_metrics(reference)
   assert got.keys() == want.keys()
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=str(k))
+  rows = read_jsonl(metrics)
+  assert [r["step"] for r in train_rows(workdir)] == [1, 2, 3, 4]
+  test_rows = [r["step"] for r in rows if "test/visible_to_infrared/mAP" in r]
+  assert test_rows == [3, 4]  # the periodic evaluation at step 3 and the final one, once each.
+  (event,) = [r for r in rows if "event" in r]
+  assert event["event"] == "resumed" and event["step"] == 2 and event["dropped_rows"] >= 1
+  np.testing.assert_allclose([r["train/total"] for r in train_rows(workdir)],
+                             [r["train/total"] for r in train_rows(reference)], rtol=1e-5)
 
 
 BASELINE = ("--config.model.agp_stages=()", "--config.model.anm_stage=0", "--config.loss.cnm_weight=0.0")
@@ -136,6 +151,21 @@ def test_eight_devices_log_the_same_losses_as_one(tmp_path, model, compared_step
       np.testing.assert_allclose(r8[key], r1[key], rtol=1e-4, err_msg=f"step {r1['step']} {key}")
 
 
+def test_non_finite_terms_are_named_in_the_order_the_step_computes_them():
+  nan, inf = float("nan"), float("inf")
+  # Every term NaN (metrics come back from the device with their keys sorted): the ID loss is computed first.
+  everything = {k: nan for k in ("cnm", "grad_norm", "id", "ortho", "total", "triplet")}
+  with pytest.raises(NonFiniteLossError, match=r"at step 7: term 'id' is nan, the first to go bad") as e:
+    train.check_finite(everything, 7)
+  assert "(id=nan, triplet=nan, cnm=nan, ortho=nan, total=nan, grad_norm=nan)" in str(e.value)
+  # The ID loss finite, the triplet and everything after it not: the triplet went bad first.
+  with pytest.raises(NonFiniteLossError, match=r"term 'triplet' is inf"):
+    train.check_finite({"cnm": nan, "grad_norm": nan, "id": 2.0, "ortho": 0.0, "total": nan, "triplet": inf}, 1)
+  with pytest.raises(NonFiniteLossError, match=r"term 'grad_norm' is nan"):  # finite loss, gradient overflow
+    train.check_finite({"cnm": 1.0, "grad_norm": nan, "id": 2.0, "ortho": 0.0, "total": 3.0, "triplet": 0.5}, 1)
+  train.check_finite({"cnm": 1.0, "grad_norm": 5.0, "id": 2.0, "ortho": 0.0, "total": 3.0, "triplet": 0.5}, 1)
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_and_term_and_keeps_what_was_written(tmp_path):
   workdir = str(tmp_path / "nan")
@@ -159,7 +189,7 @@ def test_unknown_config_key_is_rejected_with_its_name(tmp_path):
 @pytest.mark.parametrize("dataset, words", [("sysu", "--config.data.root=/path/to/SYSU-MM01"),
                                             ("llcm", "--config.data.root=/path/to/LLCM"),
                                             ("regdb", "--config.data.root=/path/to/RegDB"),
-                                            ("market", "is unknown")])
+                                            ("market", 'dataset="market": expected a known data set')])
 def test_data_sets_without_data_fail_with_a_clear_message(tmp_path, dataset, words):
   proc = run_main(str(tmp_path / "w"), f"--config.dataset={dataset}", check=False)
   assert proc.returncode != 0

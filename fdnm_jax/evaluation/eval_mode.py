@@ -16,7 +16,7 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from fdnm_jax import checkpoints, sharding, train
+from fdnm_jax import checkpoints, pretrained, sharding, train
 from fdnm_jax.errors import FlagError, MissingFileError
 from fdnm_jax.evaluation import evaluator, protocols, published
 from fdnm_jax.progress import Progress
@@ -111,7 +111,8 @@ def format_summary(report: dict) -> str:
   """Markdown title, banners (UNTRAINED, re-ranking), checkpoint, the table (mean ± std over trials), then the
   peers' published numbers for the same settings (`published.format_published`, labelled quoted, not measured)."""
   title = f"{report['name']} ({report['dataset']}), " + (
-      "UNTRAINED" if report["untrained"] else f"checkpoint step {report['step']}")
+      "UNTRAINED" if report["untrained"] else f"checkpoint step {report['step']}") + (
+      f", {report['init']}" if report.get("init") and not report["untrained"] else "")
   lines = [f"# Evaluation: {title}", ""]
   lines += [f"**{b}**" for b in _banners(report)] + ([""] if _banners(report) else [])
   lines += [f"- checkpoint: {report['checkpoint'] or 'none (untrained)'}",
@@ -194,7 +195,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   results = score_settings(run.source, embeddings, settings, config, rerank)
   report = {
       "name": config.name, "dataset": config.dataset, "protocol": run.source.protocol,
-      "step": 0 if untrained else step, "untrained": untrained,
+      "step": 0 if untrained else step, "untrained": untrained, "init": pretrained.init_label(config.model),
       "checkpoint": None if untrained else os.path.join(checkpoints.checkpoint_dir(ckpt_workdir), str(step)),
       "test_flip": bool(config.evals.test_flip),
       "rerank": {"enabled": rerank is not None, "k1": config.evals.rerank_k1, "k2": config.evals.rerank_k2,

@@ -309,6 +309,7 @@ def test_main_trains_and_evaluates_on_a_prepared_regdb_fixture(regdb_prepared, t
   env = subprocesses.env(devices=1)
   cmd = [sys.executable, os.path.join(REPO, "main.py"), f"--config={os.path.join(REPO, 'configs', 'regdb.py')}",
          f"--workdir={workdir}", f"--config.data.data_dir={folders[0]}", "--config.data.num_val_ids=1",
+         "--config.model.pretrained=none",
          "--config.evals.every_steps=1", *TINY_OVERRIDES]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
