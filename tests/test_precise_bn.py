@@ -1,0 +1,179 @@
+"""Precise BN (fdnm_jax/precise_bn.py): sequential recalibration against NumPy recomputations, its level structure,
+and where its results go.
+
+Tolerances: the recalibration computes per-batch moments in float32 inside XLA and pools them in float64; the NumPy
+references compute the same quantities from the same float32 inputs in float64. The gap is float32 rounding of
+short dot products and of the per-batch means (relative ~1e-7 .. 1e-6), so rtol 1e-5 bounds it with margin on both
+CPU code paths; atol covers channels whose mean is near zero (relative to the data's scale).
+"""
+
+import hashlib
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdnm_jax import precise_bn, sharding
+from fdnm_jax.models import FDNM
+
+EPS = 1e-5  # nn.BatchNorm's default epsilon (the toy's BatchNorms).
+
+
+class Toy(nn.Module):
+  """x -> dense1 -> bn1 -> relu -> dense2 -> bn2 -> shared BN called on two maps of it; `side` BN on x itself."""
+
+  @nn.compact
+  def __call__(self, visible, infrared, train=False):
+    x = jnp.concatenate([visible, infrared], axis=0)
+    norm = lambda name: nn.BatchNorm(use_running_average=not train, name=name)
+    side = norm("side")(x)
+    h = nn.relu(norm("bn1")(nn.Dense(4, name="dense1")(x)))
+    z = norm("bn2")(nn.Dense(3, name="dense2")(h))
+    shared = norm("shared")
+    return shared(2.0 * z) + shared(nn.relu(-z)) + side.mean()
+
+
+def _toy_variables():
+  rng = np.random.default_rng(0)
+  x = jnp.zeros((2, 3, 2, 3))
+  shapes = jax.eval_shape(lambda: Toy().init(jax.random.key(0), x, x))
+  variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  # Running statistics far from the data's, so a recalibration that used them upstream would be visibly wrong.
+  for name in ("side", "bn1", "bn2", "shared"):
+    stats = variables["batch_stats"][name]
+    stats["mean"] = np.full_like(stats["mean"], 5.0)
+    stats["var"] = np.full_like(stats["var"], 10.0)
+  return variables
+
+
+def _toy_batches(num=3):
+  rng = np.random.default_rng(1)
+  return [{"visible": rng.normal(1.0, 2.0, (2, 3, 2, 3)).astype(np.float32),
+           "infrared": rng.normal(-0.5, 1.0, (2, 3, 2, 3)).astype(np.float32)} for _ in range(num)]
+
+
+def _population(arrays):
+  """float64 mean and biased variance over every axis but the last, of the arrays concatenated."""
+  x = np.concatenate([np.asarray(a, np.float64).reshape(-1, np.shape(a)[-1]) for a in arrays])
+  return x.mean(axis=0), x.var(axis=0)
+
+
+def _bn(x, mean, var, p):
+  return (x - mean) / np.sqrt(var + EPS) * p["scale"] + p["bias"]
+
+
+def test_sequential_recalibration_of_a_toy_equals_numpy_layer_by_layer():
+  variables = _toy_variables()
+  batches = _toy_batches()
+  new, info = precise_bn.recalibrate(Toy(), variables, batches)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+  xs = [np.concatenate([b["visible"], b["infrared"]]).astype(np.float64) for b in batches]
+  # Level 1: side and bn1 see x and dense1(x): nothing upstream is normalised.
+  side = _population(xs)
+  h1 = [x @ p["dense1"]["kernel"] + p["dense1"]["bias"] for x in xs]
+  bn1 = _population(h1)
+  # Level 2: bn2's input with bn1 normalising by its recalibrated statistics.
+  h2 = [np.maximum(_bn(h, *bn1, p["bn1"]), 0) @ p["dense2"]["kernel"] + p["dense2"]["bias"] for h in h1]
+  bn2 = _population(h2)
+  # Level 3: the shared BN's statistics pool both of its calls, with bn2 recalibrated.
+  z = [_bn(h, *bn2, p["bn2"]) for h in h2]
+  shared = _population([2.0 * v for v in z] + [np.maximum(-v, 0) for v in z])
+  for name, (mean, var) in {"side": side, "bn1": bn1, "bn2": bn2, "shared": shared}.items():
+    got = new["batch_stats"][name]
+    scale = float(np.sqrt(var.max()))
+    np.testing.assert_allclose(got["mean"], mean, rtol=1e-5, atol=1e-6 * scale, err_msg=name)
+    np.testing.assert_allclose(got["var"], var, rtol=1e-5, err_msg=name)
+  assert info["levels"] == 3 and info["forward_passes"] == 9 and info["batches"] == 3 and info["uncalled"] == []
+  # Pure: the input variables keep their statistics.
+  assert float(np.asarray(variables["batch_stats"]["bn2"]["mean"])[0]) == 5.0
+
+
+def test_the_toy_levels_follow_the_data_flow():
+  variables = _toy_variables()
+  b = _toy_batches(1)[0]
+  levels, uncalled = precise_bn.dependency_levels(Toy(), variables, b["visible"], b["infrared"])
+  assert levels == [["side", "bn1"], ["bn2"], ["shared"]] and uncalled == []
+
+
+@pytest.mark.parametrize("stage_sizes,expected", [((1, 1, 1, 1), 15), ((3, 4, 6, 3), 51)])
+def test_fdnm_levels_are_the_bottleneck_chain_depth(stage_sizes, expected):
+  """Levels = 1 (both stems) + 3 per bottleneck (bn1 with the downsample BN, bn2, bn3) + ANM's bn + BNNeck."""
+  assert expected == 1 + 3 * sum(stage_sizes) + 2
+  model = FDNM(num_classes=4, stage_sizes=stage_sizes, width=8, agp_stages=(1, 2), anm_stage=4)
+  x = jax.ShapeDtypeStruct((2, 32, 16, 3), jnp.float32)
+  variables = jax.eval_shape(lambda v: model.init(jax.random.key(0), v, v), x)
+  levels, uncalled = precise_bn.dependency_levels(model, variables, x, x)
+  assert len(levels) == expected and uncalled == []
+  assert levels[0] == ["visible_stem/bn1", "infrared_stem/bn1"]
+  assert levels[1] == ["layer1/block0/bn1", "layer1/block0/downsample_bn"]
+  assert levels[-2:] == [["anm/bn"], ["bnneck"]]
+
+
+def test_fdnm_bnneck_statistics_equal_those_of_the_eval_mode_features():
+  """The BNNeck's recalibrated statistics are the population statistics of what eval mode feeds it: the pooled
+  features of both nuance branches, computed with every upstream BatchNorm recalibrated."""
+  model = FDNM(num_classes=4, stage_sizes=(1, 1, 1, 1), width=8, agp_stages=(1, 2), anm_stage=4)
+  rng = np.random.default_rng(0)
+  batches = [{"visible": rng.normal(size=(3, 32, 16, 3)).astype(np.float32),
+              "infrared": rng.normal(size=(3, 32, 16, 3)).astype(np.float32)} for _ in range(2)]
+  variables = model.init(jax.random.key(0), batches[0]["visible"], batches[0]["infrared"])
+  new, info = precise_bn.recalibrate(model, variables, batches)
+  apply = jax.jit(lambda v, a, b: model.apply(v, a, b, train=False)["features"])
+  feats = [np.asarray(apply(new, b["visible"], b["infrared"])) for b in batches]  # [2 branches, B, D] each
+  mean, var = _population([f.reshape(-1, f.shape[-1]) for f in feats])
+  got = new["batch_stats"]["bnneck"]
+  np.testing.assert_allclose(got["mean"], mean, rtol=1e-5, atol=1e-6 * float(np.sqrt(var.max())))
+  np.testing.assert_allclose(got["var"], var, rtol=1e-5)
+  # The checkpoint's (init) statistics were not those: the test can fail.
+  assert not np.allclose(variables["batch_stats"]["bnneck"]["var"], var, rtol=0.1)
+  assert info["levels"] == 15 and info["forward_passes"] == 30
+
+
+def _tree_digest(folder):
+  digest = {}
+  for root, _, files in os.walk(folder):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, "rb") as fh:
+        digest[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
+  return digest
+
+
+@pytest.mark.slow
+def test_recalibration_is_saved_beside_the_checkpoint_reused_and_leaves_it_byte_identical():
+  from fdnm_jax import inference  # pylint: disable=g-import-not-at-top
+  from fdnm_jax.evaluation import eval_mode  # pylint: disable=g-import-not-at-top
+  from tests.configs import tiny  # pylint: disable=g-import-not-at-top
+  from tests.test_inference import trained_workdir  # pylint: disable=g-import-not-at-top
+  workdir = trained_workdir()
+  checkpoints = os.path.join(workdir, "checkpoints")
+  before = _tree_digest(checkpoints)
+  config = tiny.get_config()
+  config.evals.recalibrate_bn_batches = 2
+  report = eval_mode.evaluate_checkpoint(config, workdir)
+  folder = os.path.join(workdir, "recalibrated_bn", "4", "batches2_per_call")
+  info = report["precise_bn"]
+  assert info["path"] == folder and info["reused"] is False and info["batches"] == 2
+  assert info["images"] == 2 * 2 * 4 * 2 and info["levels"] == 15 and info["forward_passes"] == 30
+  assert info["per_call_modules"] == ["anm/bn"]
+  assert sorted(os.listdir(folder)) == ["meta.json", "stats.npz"]
+  assert _tree_digest(checkpoints) == before
+  with open(report["files"]["md"]) as f:
+    assert "**recalibrated** (precise BN) on 2 un-augmented training batches" in f.read()
+  # Extraction loads the saved statistics instead of recomputing, and they are not the checkpoint's.
+  saved = dict(np.load(os.path.join(folder, "stats.npz")))
+  _, model, variables = inference.load_model(workdir, config=config)
+  assert isinstance(model, precise_bn.PerCallModel)
+  np.testing.assert_array_equal(np.asarray(variables["batch_stats"]["bnneck"]["var"]), saved["batch_stats/bnneck/var"])
+  np.testing.assert_array_equal(np.asarray(variables["per_call_stats"]["anm"]["bn"]["mean"]),
+                                saved["per_call_stats/anm/bn/mean"])
+  checkpoint_variables, _ = inference.restore_variables(workdir, 4, config.checkpoint, sharding.make_mesh(config.mesh))
+  assert not np.allclose(saved["batch_stats/bnneck/var"],
+                         np.asarray(checkpoint_variables["batch_stats"]["bnneck"]["var"]))
+  _, _, again = precise_bn.for_evaluation(model.model, checkpoint_variables, config, sharding.make_mesh(config.mesh),
+                                          workdir, 4)
+  assert again["reused"] is True and again["levels"] == 15
+  assert _tree_digest(checkpoints) == before
