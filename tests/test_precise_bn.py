@@ -8,6 +8,7 @@ CPU code paths; atol covers channels whose mean is near zero (relative to the da
 """
 
 import hashlib
+import json
 import os
 
 import flax.linen as nn
@@ -23,7 +24,8 @@ EPS = 1e-5  # nn.BatchNorm's default epsilon (the toy's BatchNorms).
 
 
 class Toy(nn.Module):
-  """x -> dense1 -> bn1 -> relu -> dense2 -> bn2 -> shared BN called on two maps of it; `side` BN on x itself."""
+  """x -> dense1 -> bn1 -> relu -> dense2 -> bn2 -> a `shared` BN called on two maps of it (as ANM's BN per
+  branch) -> their sum -> `after`; a `side` BN on x itself."""
 
   @nn.compact
   def __call__(self, visible, infrared, train=False):
@@ -33,7 +35,7 @@ class Toy(nn.Module):
     h = nn.relu(norm("bn1")(nn.Dense(4, name="dense1")(x)))
     z = norm("bn2")(nn.Dense(3, name="dense2")(h))
     shared = norm("shared")
-    return shared(2.0 * z) + shared(nn.relu(-z)) + side.mean()
+    return norm("after")(shared(2.0 * z) + shared(nn.relu(-z))) + side.mean()
 
 
 def _toy_variables():
@@ -42,7 +44,7 @@ def _toy_variables():
   shapes = jax.eval_shape(lambda: Toy().init(jax.random.key(0), x, x))
   variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
   # Running statistics far from the data's, so a recalibration that used them upstream would be visibly wrong.
-  for name in ("side", "bn1", "bn2", "shared"):
+  for name in ("side", "bn1", "bn2", "shared", "after"):
     stats = variables["batch_stats"][name]
     stats["mean"] = np.full_like(stats["mean"], 5.0)
     stats["var"] = np.full_like(stats["var"], 10.0)
@@ -65,10 +67,11 @@ def _bn(x, mean, var, p):
   return (x - mean) / np.sqrt(var + EPS) * p["scale"] + p["bias"]
 
 
-def test_sequential_recalibration_of_a_toy_equals_numpy_layer_by_layer():
+@pytest.mark.parametrize("per_call", [False, True], ids=["pooled", "per_call"])
+def test_sequential_recalibration_of_a_toy_equals_numpy_layer_by_layer(per_call):
   variables = _toy_variables()
   batches = _toy_batches()
-  new, info = precise_bn.recalibrate(Toy(), variables, batches)
+  new, info = precise_bn.recalibrate(Toy(), variables, batches, per_call=per_call)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
   xs = [np.concatenate([b["visible"], b["infrared"]]).astype(np.float64) for b in batches]
   # Level 1: side and bn1 see x and dense1(x): nothing upstream is normalised.
@@ -78,24 +81,53 @@ def test_sequential_recalibration_of_a_toy_equals_numpy_layer_by_layer():
   # Level 2: bn2's input with bn1 normalising by its recalibrated statistics.
   h2 = [np.maximum(_bn(h, *bn1, p["bn1"]), 0) @ p["dense2"]["kernel"] + p["dense2"]["bias"] for h in h1]
   bn2 = _population(h2)
-  # Level 3: the shared BN's statistics pool both of its calls, with bn2 recalibrated.
+  # Level 3: the shared BN's two calls, with bn2 recalibrated; its batch_stats pool both calls.
   z = [_bn(h, *bn2, p["bn2"]) for h in h2]
-  shared = _population([2.0 * v for v in z] + [np.maximum(-v, 0) for v in z])
-  for name, (mean, var) in {"side": side, "bn1": bn1, "bn2": bn2, "shared": shared}.items():
-    got = new["batch_stats"][name]
+  calls = [[2.0 * v for v in z], [np.maximum(-v, 0) for v in z]]
+  shared = _population(calls[0] + calls[1])
+  per_call_stats = [_population(c) for c in calls]
+  # Level 4: `after` sees the sum of the shared BN's calls, each normalised as eval mode does in this mode.
+  used = per_call_stats if per_call else [shared, shared]
+  after = _population([_bn(a, *used[0], p["shared"]) + _bn(b, *used[1], p["shared"]) for a, b in zip(*calls)])
+  want = {"side": side, "bn1": bn1, "bn2": bn2, "shared": shared, "after": after}
+  got = {name: (new["batch_stats"][name]["mean"], new["batch_stats"][name]["var"]) for name in want}
+  if per_call:
+    rows = new[precise_bn.PER_CALL]["shared"]
+    for j in range(2):
+      want[f"shared call {j}"] = per_call_stats[j]
+      got[f"shared call {j}"] = (rows["mean"][j], rows["var"][j])
+    assert list(new[precise_bn.PER_CALL]) == ["shared"]
+  else:
+    assert precise_bn.PER_CALL not in new
+  for name, (mean, var) in want.items():
     scale = float(np.sqrt(var.max()))
-    np.testing.assert_allclose(got["mean"], mean, rtol=1e-5, atol=1e-6 * scale, err_msg=name)
-    np.testing.assert_allclose(got["var"], var, rtol=1e-5, err_msg=name)
-  assert info["levels"] == 3 and info["forward_passes"] == 9 and info["batches"] == 3 and info["uncalled"] == []
+    np.testing.assert_allclose(got[name][0], mean, rtol=1e-5, atol=1e-6 * scale, err_msg=name)
+    np.testing.assert_allclose(got[name][1], var, rtol=1e-5, err_msg=name)
+  assert not np.allclose(per_call_stats[0][0], per_call_stats[1][0], rtol=0.1)  # the two calls differ.
+  assert info["levels"] == 4 and info["forward_passes"] == 12 and info["batches"] == 3 and info["uncalled"] == []
+  assert info["per_call"] == (["shared"] if per_call else [])
   # Pure: the input variables keep their statistics.
   assert float(np.asarray(variables["batch_stats"]["bn2"]["mean"])[0]) == 5.0
+
+
+def test_per_call_model_with_the_running_statistics_in_every_row_is_the_plain_model():
+  variables = _toy_variables()
+  b = _toy_batches(1)[0]
+  rows = {name: np.broadcast_to(variables["batch_stats"]["shared"][name], (2, 3)) for name in ("mean", "var")}
+  wrapped = precise_bn.PerCallModel(Toy())
+  plain = Toy().apply(variables, b["visible"], b["infrared"])
+  same = wrapped.apply({**variables, precise_bn.PER_CALL: {"shared": rows}}, b["visible"], b["infrared"])
+  np.testing.assert_array_equal(np.asarray(same), np.asarray(plain))  # the same Flax arithmetic, bit for bit.
+  rows = {"mean": rows["mean"] + np.array([[0.0], [1.0]]), "var": rows["var"]}  # call 1 shifted: output changes.
+  moved = wrapped.apply({**variables, precise_bn.PER_CALL: {"shared": rows}}, b["visible"], b["infrared"])
+  assert not np.allclose(np.asarray(moved), np.asarray(plain))
 
 
 def test_the_toy_levels_follow_the_data_flow():
   variables = _toy_variables()
   b = _toy_batches(1)[0]
   levels, uncalled = precise_bn.dependency_levels(Toy(), variables, b["visible"], b["infrared"])
-  assert levels == [["side", "bn1"], ["bn2"], ["shared"]] and uncalled == []
+  assert levels == [["side", "bn1"], ["bn2"], ["shared"], ["after"]] and uncalled == []
 
 
 @pytest.mark.parametrize("stage_sizes,expected", [((1, 1, 1, 1), 15), ((3, 4, 6, 3), 51)])
@@ -114,14 +146,16 @@ def test_fdnm_levels_are_the_bottleneck_chain_depth(stage_sizes, expected):
 
 def test_fdnm_bnneck_statistics_equal_those_of_the_eval_mode_features():
   """The BNNeck's recalibrated statistics are the population statistics of what eval mode feeds it: the pooled
-  features of both nuance branches, computed with every upstream BatchNorm recalibrated."""
+  features of both nuance branches, computed with every upstream BatchNorm recalibrated (ANM's per branch)."""
   model = FDNM(num_classes=4, stage_sizes=(1, 1, 1, 1), width=8, agp_stages=(1, 2), anm_stage=4)
   rng = np.random.default_rng(0)
   batches = [{"visible": rng.normal(size=(3, 32, 16, 3)).astype(np.float32),
               "infrared": rng.normal(size=(3, 32, 16, 3)).astype(np.float32)} for _ in range(2)]
   variables = model.init(jax.random.key(0), batches[0]["visible"], batches[0]["infrared"])
-  new, info = precise_bn.recalibrate(model, variables, batches)
-  apply = jax.jit(lambda v, a, b: model.apply(v, a, b, train=False)["features"])
+  new, info = precise_bn.recalibrate(model, variables, batches, per_call=True)
+  assert info["per_call"] == ["anm/bn"]
+  evaluated = precise_bn.PerCallModel(model)  # ANM's BN normalises each branch with that branch's statistics.
+  apply = jax.jit(lambda v, a, b: evaluated.apply(v, a, b, train=False)["features"])
   feats = [np.asarray(apply(new, b["visible"], b["infrared"])) for b in batches]  # [2 branches, B, D] each
   mean, var = _population([f.reshape(-1, f.shape[-1]) for f in feats])
   got = new["batch_stats"]["bnneck"]
@@ -143,7 +177,7 @@ def _tree_digest(folder):
 
 
 @pytest.mark.slow
-def test_recalibration_is_saved_beside_the_checkpoint_reused_and_leaves_it_byte_identical():
+def test_recalibration_is_saved_beside_the_checkpoint_reused_and_leaves_it_byte_identical(caplog):
   from fdnm_jax import inference  # pylint: disable=g-import-not-at-top
   from fdnm_jax.evaluation import eval_mode  # pylint: disable=g-import-not-at-top
   from tests.configs import tiny  # pylint: disable=g-import-not-at-top
@@ -162,7 +196,21 @@ def test_recalibration_is_saved_beside_the_checkpoint_reused_and_leaves_it_byte_
   assert sorted(os.listdir(folder)) == ["meta.json", "stats.npz"]
   assert _tree_digest(checkpoints) == before
   with open(report["files"]["md"]) as f:
-    assert "**recalibrated** (precise BN) on 2 un-augmented training batches" in f.read()
+    markdown = f.read()
+  assert "**recalibrated** (precise BN) on 2 un-augmented training batches" in markdown
+  # Health in the eval report (JSON, Markdown, log) and in training's final report; its numbers: test_health.py.
+  with open(os.path.join(workdir, "results", "tiny.json")) as f:
+    trained_report = json.load(f)
+  for h in (report["health"], trained_report["health"]):
+    cosines = h["mean_cosine_to_mean"]
+    assert set(cosines) == {"nuance1/bnneck", "nuance2/bnneck", "embedding"}
+    assert all(set(v) == {"visible", "infrared"} and all(-1 <= c <= 1 for c in v.values()) for v in cosines.values())
+    assert bool(h["warnings"]) == any(c > 0.95 for v in cosines.values() for c in v.values())
+    assert set(h["bnneck_running_var"]["bnneck"]) == {"min", "p5", "median", "p95", "max"}
+  assert "bnneck_running_var_checkpoint" in report["health"] and trained_report["precise_bn"] is None
+  assert "## Embedding health" in markdown
+  logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert all(w in logged for w in report["health"]["warnings"])
   # Extraction loads the saved statistics instead of recomputing, and they are not the checkpoint's.
   saved = dict(np.load(os.path.join(folder, "stats.npz")))
   _, model, variables = inference.load_model(workdir, config=config)
