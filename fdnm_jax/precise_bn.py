@@ -279,15 +279,30 @@ def _replicated_like(x: Any) -> Optional[jax.sharding.Sharding]:
   return None
 
 
+def _committed(x: Any) -> jax.Array:
+  """`x` as a jax.Array committed to its placement (a NumPy or uncommitted leaf goes to the default device): every
+  leaf of the variables the passes see is committed, so one compiled program serves every pass."""
+  if isinstance(x, jax.Array):
+    return jax.device_put(x, x.sharding)
+  return jax.device_put(np.asarray(x), jax.devices()[0])
+
+
+def _place_like(value: np.ndarray, like: Any) -> jax.Array:
+  """`value` on the devices of the array `like` (replicated over its mesh when `like` is mesh-sharded: the value
+  may have another shape), committed."""
+  s = getattr(like, "sharding", None)
+  if isinstance(s, jax.sharding.NamedSharding):
+    s = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+  return jax.device_put(value, s if s is not None else jax.devices()[0])
+
+
 def _set_leaves(tree: Any, new_leaves: Mapping[str, np.ndarray]) -> dict:
-  """A nested dict `tree` with the leaves named in `new_leaves` ("a/b/leaf") replaced, with the dtype and the
-  placement of the leaf they replace (or new leaves, placed like `like`)."""
+  """A nested dict `tree` with the leaves named in `new_leaves` ("a/b/leaf") replaced, with the dtype, shape and
+  placement of the leaf they replace."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
   for key, value in new_leaves.items():
     old = flat[key]
-    value = np.asarray(value, dtype=old.dtype).reshape(old.shape)
-    s = getattr(old, "sharding", None)
-    flat[key] = jax.device_put(value, s) if s is not None else jnp.asarray(value)
+    flat[key] = _place_like(np.asarray(value, dtype=old.dtype).reshape(old.shape), old)
   return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
@@ -300,8 +315,7 @@ def _with_per_call_slots(variables: Any, num_calls: Mapping[str, int]) -> dict:
     for name in ("mean", "var"):
       leaf = stats[f"{path}/{name}"]
       value = np.broadcast_to(np.asarray(jax.device_get(leaf))[None], (k,) + tuple(np.shape(leaf)))
-      s = _replicated_like(leaf)
-      flat[f"{path}/{name}"] = jax.device_put(value, s) if s is not None else jnp.asarray(value)
+      flat[f"{path}/{name}"] = _place_like(np.ascontiguousarray(value), leaf)
   return {**variables, PER_CALL: flax.traverse_util.unflatten_dict(flat, sep="/")}
 
 
@@ -341,7 +355,7 @@ def recalibrate(model: nn.Module, variables: Any, batches: Sequence[Mapping[str,
   out_sharding = _replicated_like(first["visible"])
   moments_fn = jax.jit(moments, out_shardings=out_sharding) if out_sharding is not None else jax.jit(moments)
   # Plain nested dicts, and the PER_CALL slots from the start: the same pytree structure (one compile) in every pass.
-  current = {**variables, "batch_stats": _set_leaves(variables["batch_stats"], {})}
+  current = jax.tree.map(_committed, {**variables, "batch_stats": _set_leaves(variables["batch_stats"], {})})
   if multi:
     current = _with_per_call_slots(current, multi)
   for level in levels:
@@ -477,8 +491,7 @@ def load(folder: str, variables: Any, meta: Mapping[str, Any]) -> Optional[dict]
   if per_call:
     placed = {}
     for key, value in per_call.items():
-      s = _replicated_like(current[key])
-      placed[key] = jax.device_put(value, s) if s is not None else jnp.asarray(value)
+      placed[key] = _place_like(value, current[key])
     out[PER_CALL] = flax.traverse_util.unflatten_dict(placed, sep="/")
   return out
 

@@ -144,6 +144,23 @@ def test_fdnm_levels_are_the_bottleneck_chain_depth(stage_sizes, expected):
   assert levels[-2:] == [["anm/bn"], ["bnneck"]]
 
 
+def _filled_variables(model, batch):
+  """Variables of init's tree filled from NumPy (no init compile): fan-in scaled kernels, scales and running
+  variances in [0.8, 1.2], other leaves N(0, 0.1)."""
+  shapes = jax.eval_shape(lambda v, i: model.init(jax.random.key(0), v, i), batch["visible"], batch["infrared"])
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    name = getattr(path[-1], "key", path[-1])
+    if name == "kernel":
+      return rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
+    if name in ("scale", "var"):
+      return rng.uniform(0.8, 1.2, leaf.shape).astype(np.float32)
+    return rng.normal(0.0, 0.1, leaf.shape).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def test_fdnm_bnneck_statistics_equal_those_of_the_eval_mode_features():
   """The BNNeck's recalibrated statistics are the population statistics of what eval mode feeds it: the pooled
   features of both nuance branches, computed with every upstream BatchNorm recalibrated (ANM's per branch)."""
@@ -151,7 +168,7 @@ def test_fdnm_bnneck_statistics_equal_those_of_the_eval_mode_features():
   rng = np.random.default_rng(0)
   batches = [{"visible": rng.normal(size=(3, 32, 16, 3)).astype(np.float32),
               "infrared": rng.normal(size=(3, 32, 16, 3)).astype(np.float32)} for _ in range(2)]
-  variables = model.init(jax.random.key(0), batches[0]["visible"], batches[0]["infrared"])
+  variables = _filled_variables(model, batches[0])
   new, info = precise_bn.recalibrate(model, variables, batches, per_call=True)
   assert info["per_call"] == ["anm/bn"]
   evaluated = precise_bn.PerCallModel(model)  # ANM's BN normalises each branch with that branch's statistics.
