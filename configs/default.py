@@ -96,7 +96,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.evals.select_on_test = False  # periodic evals score the test set even when a validation split exists.
   config.evals.sysu_gallery_sampling = "seeded"  # SYSU gallery: seeded (AGW random.seed(trial)) | official (.mat).
   config.evals.face_folds = ()  # face protocol: folds scored (mean +- std over them); () = config.data.fold.
-  config.evals.test_flip = False  # test-time flip: embedding = sum over the image and its mirror.
+  config.evals.test_flip = True  # test-time flip: embedding = image's + mirror's, not re-normalised (DEEN).
+  config.evals.embedding = "spec"  # test embedding: spec (BNNeck feats of the branches) | deen (+ pooled: 6 sims).
+  config.evals.recalibrate_bn_batches = 0  # precise BN before scoring: N un-augmented training batches; 0 = off.
+  config.evals.recalibrate_bn_per_call = True  # precise BN: a BN called per branch gets per-call statistics.
+  config.evals.health_max_mean_cosine = 0.95  # warn when test embeddings' mean cosine to their mean is above.
   config.evals.max_rank = 20  # length of the CMC curve.
   config.evals.query_chunk = 1024  # queries ranked at once by the jitted evaluator (bounds memory).
   config.evals.rerank = False  # --mode=eval: k-reciprocal re-ranking of the distances (Zhong et al., CVPR 2017).

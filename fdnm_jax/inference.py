@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from fdnm_jax import checkpoints, sharding
+from fdnm_jax import checkpoints, precise_bn, sharding
 from fdnm_jax.errors import CheckpointError, DataError, FlagError, MissingFileError
 from fdnm_jax.evaluation import evaluator
 from fdnm_jax.models.fdnm import fdnm_from_config
@@ -127,7 +127,9 @@ def load_model(workdir: str, checkpoint: Optional[str] = None, config: Optional[
   variables, num_classes = restore_variables(ckpt_workdir, step, config.checkpoint, mesh)
   logging.info("Loaded %s step %d (%d training identities)", checkpoints.checkpoint_dir(ckpt_workdir), step,
                num_classes)
-  return config, fdnm_from_config(config.model, num_classes), variables
+  model = fdnm_from_config(config.model, num_classes)
+  model, variables, _ = precise_bn.for_evaluation(model, variables, config, mesh, ckpt_workdir, step)  # as evaluated.
+  return config, model, variables
 
 
 def embed_set(embed_fn: Any, variables: Any, image_set: ImageSet, config: ml_collections.ConfigDict,
@@ -166,7 +168,7 @@ def embed_paths(model: Any, variables: Any, paths: Sequence[str], modality: str,
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   image_set = ImageSet(tuple(os.path.abspath(p) for p in paths), np.full(len(paths), -1), np.zeros(len(paths)),
                        MODALITY_IDS[modality])
-  embed_fn = evaluator.make_embed_fn(model, mesh, modality)
+  embed_fn = evaluator.make_embed_fn(model, mesh, modality, config.evals.embedding)
   return embed_set(embed_fn, variables, image_set, config, mesh, name=f"embed {modality}")
 
 

@@ -27,7 +27,7 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 from etils import epath
 
-from fdnm_jax import checkpoints, distributed, losses, optim, pretrained, run_config, sharding
+from fdnm_jax import checkpoints, distributed, losses, optim, precise_bn, pretrained, run_config, sharding
 from fdnm_jax.errors import NonFiniteLossError, WorkdirError
 from fdnm_jax.evaluation import evaluator
 from fdnm_jax.models.fdnm import fdnm_from_config
@@ -349,7 +349,10 @@ def count_params(params: Any) -> int:
 
 def _run_eval(model, state, source, config, mesh, workdir, step, log: MetricsLog,
               train_step_seconds: Optional[float] = None) -> dict:
-  results = evaluator.evaluate(model, variables_of(state), source, config, mesh)
+  model, variables, recalibration = precise_bn.for_evaluation(model, variables_of(state), config, mesh, workdir, step,
+                                                              source)
+  results, health = evaluator.evaluate_with_health(model, variables, source, config, mesh,
+                                                   state.batch_stats if recalibration else None)
   scalars = {f"{source.split}/{d}/{k}": v for d, r in results.items() for k, v in r.items() if not isinstance(v, list)}
   log.write(step, {k: float(v) for k, v in scalars.items()})
   report = {"name": config.name, "dataset": config.dataset, "protocol": source.protocol, "step": step,
@@ -357,7 +360,9 @@ def _run_eval(model, state, source, config, mesh, workdir, step, log: MetricsLog
             "settings": results,
             "num_params": count_params(state.params), "train_step_seconds": train_step_seconds,
             "eval_split": source.split, "model_selection_split": sources.model_selection_split(source, config),
-            "gallery_sampling": {s.name: s.family for s in evaluator.protocols.settings_for(source, config)}}
+            "gallery_sampling": {s.name: s.family for s in evaluator.protocols.settings_for(source, config)},
+            "embedding": config.evals.embedding, "test_flip": bool(config.evals.test_flip),
+            "precise_bn": recalibration, "health": health}
   if jax.process_index() == 0:
     results_dir = epath.Path(workdir) / "results"
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import tempfile
 import numpy as np
 import pytest
 
+from configs import default
 from fdnm_jax import inference, sharding, train
 from fdnm_jax.evaluation import eval_mode, evaluator
 from tests import subprocesses
@@ -135,4 +136,4 @@ def test_load_config_fills_fields_an_older_run_lacks(tmp_path):
   config = inference.load_config(str(tmp_path))
   assert config.name == "old" and config.model.width == 3 and config.model.agp_stages == (2,)
   assert config.model.stage_sizes == (3, 4, 6, 3)  # configs/default.py's ResNet-50, kept where the file is silent.
-  assert config.visualize.top_k == 10 and config.evals.test_flip is False
+  assert config.visualize.top_k == 10 and config.evals.test_flip is default.get_config().evals.test_flip

@@ -251,11 +251,12 @@ def test_a_fresh_workdir_has_no_contract(tmp_path):
 
 def test_free_fields_may_differ_and_are_listed(stored):
   config = tiny.get_config()
-  config.evals.test_flip = True
+  config.evals.test_flip = not config.evals.test_flip
   config.input.eval_batch_size = 8
   contract = run_config.check_contract(stored, config)
   assert not contract.fresh and contract.accepted == ()
-  assert contract.describe_free() == "evals.test_flip: false -> true; input.eval_batch_size: 16 -> 8"
+  flip = f"{str(not config.evals.test_flip).lower()} -> {str(config.evals.test_flip).lower()}"
+  assert contract.describe_free() == f"evals.test_flip: {flip}; input.eval_batch_size: 16 -> 8"
 
 
 def test_a_resume_with_other_trained_fields_stops_listing_them(stored):

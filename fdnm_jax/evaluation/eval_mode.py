@@ -16,9 +16,9 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from fdnm_jax import checkpoints, pretrained, sharding, train
+from fdnm_jax import checkpoints, precise_bn, pretrained, sharding, train
 from fdnm_jax.errors import FlagError, MissingFileError
-from fdnm_jax.evaluation import evaluator, protocols, published
+from fdnm_jax.evaluation import evaluator, health, protocols, published
 from fdnm_jax.progress import Progress
 
 UNTRAINED_BANNER = "UNTRAINED MODEL: randomly initialised weights, no checkpoint was restored"
@@ -122,6 +122,8 @@ def format_summary(report: dict) -> str:
             protocols.format_protocol_table(report["settings"]), "",
             published.format_published(report["dataset"], list(report["settings"]),
                                        reranked=report["rerank"]["enabled"])]
+  lines += ["", health.format_markdown(report.get("health")), "",
+            health.format_recalibration(report.get("precise_bn"))]
   return "\n".join(lines)
 
 
@@ -189,7 +191,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   run = train.build_run(config, workdir, mesh)
   untrained = step is None
   state = run.init_state() if untrained else _restore(config, run, ckpt_workdir, step)
-  embeddings = evaluator.embed_test_sets(run.model, train.variables_of(state), run.source, config, mesh)
+  model, variables, recalibration = precise_bn.for_evaluation(run.model, train.variables_of(state), config, mesh,
+                                                              ckpt_workdir, step, run.source)
+  embeddings = evaluator.embed_test_sets(model, variables, run.source, config, mesh)
   settings = protocols.settings_for(run.source, config)
   rerank = rerank_of(config)
   results = score_settings(run.source, embeddings, settings, config, rerank)
@@ -204,6 +208,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
       "settings": results,
       "published": {s.name: published.rows_for(config.dataset, s.name) for s in settings},
       "config": json.loads(config.to_json_best_effort()),
+      "embedding": config.evals.embedding, "precise_bn": recalibration,
+      "health": evaluator.health_of(model, variables, run.source, embeddings, config,
+                                    state.batch_stats if recalibration else None),
   }
   if untrained:
     report["warning"] = UNTRAINED_BANNER

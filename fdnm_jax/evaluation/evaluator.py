@@ -3,36 +3,138 @@
 The model call is jitted with the batch sharded over the mesh; each host feeds its share
 of every batch (padded with a mask so all hosts run the same number of steps) and the
 embeddings are gathered to every host for the metrics.
+
+Test embedding (`config.evals.embedding`, assembled in one place, `embedding_parts`, from the model's outputs):
+- "spec" (FDNM_SPEC §1.4): the L2-normalised BNNeck features of every entry (the branches' globals, then their
+  stripes), concatenated: [B, R * D].
+- "deen" (DEEN's test code, ZYK100/LLCM DEEN/test.py): per branch, both the L2-normalised pooled (pre-BN) and the
+  L2-normalised BNNeck feature, concatenated, so that the dot product of two embeddings is DEEN's sum of the six
+  similarity matrices (pooled and BNNeck, for the original and the two nuance branches). FDNM's default keeps no
+  original branch (`model.anm_keep_original=False`): the original (the pooled pre-ANM layer4 map, output "global")
+  has no BNNeck output then, and enters with its pooled feature only ([B, 5 D]: DEEN's five matrices that exist;
+  the BNNeck's running statistics are those of the nuance branches, so passing the original through it would
+  normalise it with another distribution's statistics). With the original kept as a branch the embedding is
+  DEEN's six parts exactly; with stripes (`model.num_parts`) every stripe entry adds its pooled and BNNeck parts.
+Test-time flip (`config.evals.test_flip`, default on, as DEEN and the FDNM reimplementation test): the embedding
+of the image plus the embedding of its mirror, not re-normalised (DEEN: `feat_pool1 + feat_pool2`). The retrieval
+distance (`metrics.pairwise_distance`) is minus the plain dot product of these embeddings, DEEN's and AGW's
+`np.matmul(query_feat, gall_feat.T)`.
 """
 
 import math
 from typing import Any, Callable, Mapping, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from fdnm_jax import sharding
+from fdnm_jax.errors import ConfigError
 from fdnm_jax.progress import Progress
-from fdnm_jax.evaluation import face, protocols
+from fdnm_jax.evaluation import face, health, protocols
 from fdnm_jax.evaluation.metrics import compute_metrics, pairwise_distance
 from input_pipeline import pipeline
 from input_pipeline.sources import DataSource
 
 MODALITIES = ("visible", "infrared")
 RANKS = (1, 5, 10, 20)
+EMBEDDINGS = ("spec", "deen")  # config.evals.embedding.
 
 
-def make_embed_fn(model: Any, mesh: jax.sharding.Mesh, modality: str) -> Callable:
-  """A jitted fn(variables, images [b,H,W,3]) -> embeddings [b,E] float32 for one modality."""
+def check_embedding(kind: str) -> None:
+  """Raises ConfigError naming `evals.embedding` unless `kind` is one of EMBEDDINGS."""
+  if kind not in EMBEDDINGS:
+    raise ConfigError(f"evals.embedding={kind!r}: expected one of {EMBEDDINGS}.")
+
+
+def _is_bnneck(module: nn.Module, method_name: str) -> bool:
+  return (method_name == "__call__" and isinstance(module, nn.BatchNorm) and module.name is not None
+          and module.name.startswith("bnneck") and len(module.path) == 1)
+
+
+def model_outputs(model: Any, variables: Any, visible: Optional[jax.Array], infrared: Optional[jax.Array]) -> dict:
+  """The eval-mode outputs of the FDNM model, with "bn_features" [R, B, D] (the BNNeck output of every entry of
+  "features", same order) added from the model's own BNNeck calls when the model does not return it.
+
+  The BNNeck modules (`bnneck`, `bnneck_part{j}`) each normalise the batch-concatenation of their entries' branches
+  ([nb * B, D], branches in order); their outputs are captured (Flax `capture_intermediates`) and split per branch.
+  """
+  outputs, state = model.apply(variables, visible, infrared, train=False, capture_intermediates=_is_bnneck,
+                               mutable=["intermediates"])
+  if "bn_features" in outputs:
+    return outputs
+  num_parts, num_branches = outputs["part_features"].shape[:2]
+  names = ["bnneck"] + [f"bnneck_part{j}" for j in range(num_parts)]
+  captured = state["intermediates"]
+  bn = [piece for name in names for piece in jnp.split(captured[name]["__call__"][0], num_branches, axis=0)]
+  return {**outputs, "bn_features": jnp.stack(bn).astype(jnp.float32)}
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  """x / max(||x||, 1e-12) along the last axis (torch.nn.functional.normalize, as the model's embedding)."""
+  return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)), 1e-12)
+
+
+def entry_names(num_entries: int, num_branches: int, num_nuances: int) -> list[str]:
+  """Names of the R entries of "features": the branches (original, nuance1, nuance2 / original), then each
+  stripe of each branch ("<branch>_part<j>")."""
+  branches = (["original"] if num_branches > num_nuances else []) + [f"nuance{i + 1}" for i in range(num_nuances)]
+  parts = [f"{b}_part{j}" for j in range(num_entries // num_branches - 1) for b in branches]
+  return branches + parts
+
+
+def embedding_parts(outputs: Mapping[str, Any], kind: str) -> list[tuple[str, Any]]:
+  """The test embedding's parts in order, [(name, [B, D] array)], from `model_outputs` (see the module docstring).
+
+  Args:
+    outputs: "features" [R, B, D], "bn_features" [R, B, D], "global" [B, D], "nuances" [N, B, D],
+      "part_features" [P, nb, B, D] (for the branch count).
+    kind: "spec" or "deen".
+  """
+  check_embedding(kind)
+  features, bn_features = outputs["features"], outputs["bn_features"]
+  num_branches, num_nuances = outputs["part_features"].shape[1], outputs["nuances"].shape[0]
+  names = entry_names(features.shape[0], num_branches, num_nuances)
+  if kind == "spec":
+    return [(f"{n}/bnneck", _l2_normalize(bn_features[r])) for r, n in enumerate(names)]
+  parts = [] if num_branches > num_nuances else [("original/pooled", _l2_normalize(outputs["global"]))]
+  for r, n in enumerate(names):
+    parts += [(f"{n}/pooled", _l2_normalize(features[r])), (f"{n}/bnneck", _l2_normalize(bn_features[r]))]
+  return parts
+
+
+def test_embedding(outputs: Mapping[str, Any], kind: str) -> jax.Array:
+  """float32 [B, E]: the concatenated `embedding_parts`."""
+  return jnp.concatenate([x for _, x in embedding_parts(outputs, kind)], axis=-1).astype(jnp.float32)
+
+
+def embedding_layout(model: Any, variables: Any, kind: str, image_shape: tuple[int, int]) -> list[tuple[str, int]]:
+  """[(part name, width)] of the test embedding of `kind` (shapes only: the model is not run)."""
+  names: list[str] = []
+
+  def parts(variables, images):
+    found = embedding_parts(model_outputs(model, variables, images, None), kind)
+    names.extend(n for n, _ in found)
+    return [x for _, x in found]
+
+  shapes = jax.eval_shape(parts, variables, jax.ShapeDtypeStruct((1, *image_shape, 3), jnp.float32))
+  return [(n, int(s.shape[-1])) for n, s in zip(names, shapes)]
+
+
+def make_embed_fn(model: Any, mesh: jax.sharding.Mesh, modality: str, embedding: str) -> Callable:
+  """A jitted fn(variables, images [b,H,W,3]) -> embeddings [b,E] float32 for one modality (`test_embedding` of
+  kind `embedding`, config.evals.embedding)."""
   if modality not in MODALITIES:
     raise ValueError(f"modality {modality!r}: use one of {MODALITIES}")
+  check_embedding(embedding)
 
   def embed(variables, images):
     inputs = (images, None) if modality == "visible" else (None, images)
-    return model.apply(variables, *inputs, train=False)["embedding"].astype(jnp.float32)
+    return test_embedding(model_outputs(model, variables, *inputs), embedding)
 
   return jax.jit(embed, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                  out_shardings=sharding.batch_sharding(mesh))
@@ -56,7 +158,8 @@ def embed_image_set(embed_fn: Callable, variables: Any, image_set: Any, input_co
   each batch (the caller calls its `done()`).
 
   Returns:
-    float32 [len(image_set), E]; with `flip`, the sum of the embeddings of each image and its mirror.
+    float32 [len(image_set), E]; with `flip`, the sum of the embeddings of each image and its mirror (not
+    re-normalised, as DEEN tests).
   """
   shards = sharding.num_batch_shards(mesh)
   batch_size = math.ceil(input_config.eval_batch_size / shards) * shards
@@ -117,7 +220,7 @@ def embed_test_sets(model: Any, variables: Any, source: DataSource, config: ml_c
     test-set name -> float32 [N, E] embeddings in the set's file order.
   """
   modality_of = {name: ("visible" if s.modality == 0 else "infrared") for name, s in source.test_sets.items()}
-  embed_fns = {m: make_embed_fn(model, mesh, m) for m in set(modality_of.values())}
+  embed_fns = {m: make_embed_fn(model, mesh, m, config.evals.embedding) for m in set(modality_of.values())}
   embeddings = {}
   for name, s in source.test_sets.items():
     progress = Progress(f"embed test set {name}", total=len(s), unit="img")
@@ -146,10 +249,38 @@ def evaluate(model: Any, variables: Any, source: DataSource, config: ml_collecti
     setting name -> `summary_row` (RegDB / synthetic: one setting per direction, one trial; SYSU-MM01: all/indoor
     x single/multi-shot, 10 trials; LLCM: one per direction, 10 trials).
   """
+  return evaluate_with_health(model, variables, source, config, mesh)[0]
+
+
+def evaluate_with_health(model: Any, variables: Any, source: DataSource, config: ml_collections.ConfigDict,
+                         mesh: jax.sharding.Mesh, checkpoint_batch_stats: Optional[Any] = None
+                         ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+  """`evaluate`, and the embedding health of the same embeddings (`health_of`; warnings logged)."""
   embeddings = embed_test_sets(model, variables, source, config, mesh)
   settings = protocols.settings_for(source, config)
   results = protocols.run_protocols(source, embeddings, settings, config.evals.max_rank, config.evals.query_chunk)
-  return {name: summary_row(r) for name, r in results.items()}
+  return ({name: summary_row(r) for name, r in results.items()},
+          health_of(model, variables, source, embeddings, config, checkpoint_batch_stats))
+
+
+def health_of(model: Any, variables: Any, source: DataSource, embeddings: Mapping[str, np.ndarray],
+              config: ml_collections.ConfigDict, checkpoint_batch_stats: Optional[Any] = None) -> dict[str, Any]:
+  """The health section of a report (`health.health_report`) for test-set embeddings of `source`, computed with
+  `variables`; logs its table, and each warning as a warning line.
+
+  Args:
+    checkpoint_batch_stats: the checkpoint's own batch statistics when `variables` holds recalibrated ones (their
+      BNNeck variances are reported beside); None otherwise.
+  """
+  modality_of = {name: ("visible" if s.modality == 0 else "infrared") for name, s in source.test_sets.items()}
+  layout = embedding_layout(model, variables, config.evals.embedding, (config.input.height, config.input.width))
+  report = health.health_report({k: np.asarray(v) for k, v in embeddings.items()}, modality_of, layout,
+                                jax.device_get(variables["batch_stats"]), config.evals.health_max_mean_cosine,
+                                None if checkpoint_batch_stats is None else jax.device_get(checkpoint_batch_stats))
+  logging.info("Embedding health (%s):\n%s", source.name, health.format_markdown(report))
+  for line in report["warnings"]:
+    logging.warning("%s", line)
+  return report
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:

@@ -45,25 +45,35 @@ class _Gallery(NamedTuple):
   id_count: Any  # int32 [N]: number of gallery images of identity k.
 
 
-def _l2_normalise(x: jax.Array) -> jax.Array:
-  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / jnp.maximum(norm, 1e-12)
-
-
 @jax.jit
 def pairwise_distance(query_emb: jax.Array, gallery_emb: jax.Array) -> jax.Array:
-  """Retrieval distance of every query to every gallery item: minus the cosine similarity.
+  """Retrieval distance of every query to every gallery item: minus the dot product of the embeddings as given.
+
+  The references' distance (AGW's and DEEN's test code: `distmat = np.matmul(query_feat, gall_feat.T)`, ranked
+  by -distmat): the model normalises each part of its embedding (evaluator.embedding_parts) and the test-time
+  flip sums the image's and the mirror's embeddings without re-normalising, so the embedding is not re-normalised
+  here either (for unit-norm embeddings this is minus the cosine similarity, FDNM_SPEC.md §4).
 
   Args:
     query_emb: float [Q, E] query embeddings.
     gallery_emb: float [G, E] gallery embeddings.
   Returns:
-    float32 [Q, G]: -<q/|q|, g/|g|> in [-1, 1]; smaller = more similar (FDNM_SPEC.md §4). A zero embedding
-    has similarity 0 to everything.
+    float32 [Q, G]: -<q, g>; smaller = more similar.
   """
-  q = _l2_normalise(query_emb.astype(jnp.float32))
-  g = _l2_normalise(gallery_emb.astype(jnp.float32))
+  q = query_emb.astype(jnp.float32)
+  g = gallery_emb.astype(jnp.float32)
   return -jnp.matmul(q, g.T, precision=lax.Precision.HIGHEST)
+
+
+@jax.jit
+def euclidean_distance(query_emb: jax.Array, gallery_emb: jax.Array) -> jax.Array:
+  """float32 [Q, G] Euclidean distances ||q - g|| of the embeddings as given (re-ranking's input), computed as
+  sqrt(max(|q|^2 + |g|^2 - 2 <q, g>, 0))."""
+  q = query_emb.astype(jnp.float32)
+  g = gallery_emb.astype(jnp.float32)
+  dot = jnp.matmul(q, g.T, precision=lax.Precision.HIGHEST)
+  squared = jnp.sum(q * q, axis=1)[:, None] + jnp.sum(g * g, axis=1)[None, :] - 2.0 * dot
+  return jnp.sqrt(jnp.maximum(squared, 0.0))
 
 
 def _order_keys(dist: jax.Array) -> jax.Array:

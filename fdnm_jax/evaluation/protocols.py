@@ -41,7 +41,7 @@ import numpy as np
 
 from fdnm_jax.errors import ConfigError, DataError, MissingFileError
 from fdnm_jax.evaluation import face
-from fdnm_jax.evaluation.metrics import compute_metrics, pairwise_distance
+from fdnm_jax.evaluation.metrics import compute_metrics, euclidean_distance, pairwise_distance
 from fdnm_jax.evaluation.reranking import re_ranking
 from input_pipeline.datasets import sysu
 from input_pipeline.datasets.image_set import ImageSet
@@ -256,13 +256,13 @@ def settings_for(source: DataSource, config: ml_collections.ConfigDict) -> tuple
   raise ValueError(f"data source {source.name!r} has protocol {source.protocol!r}: use sysu, regdb, llcm or face")
 
 
-def _euclidean(neg_cosine: np.ndarray) -> np.ndarray:
-  """Euclidean distance of L2-normalised embeddings from `pairwise_distance` (-cosine): sqrt(2 + 2 d)."""
-  return np.sqrt(np.maximum(2.0 + 2.0 * np.asarray(neg_cosine, np.float64), 0.0))
+def _euclidean(query_emb: np.ndarray, gallery_emb: np.ndarray) -> np.ndarray:
+  """float32 [Q, G] Euclidean distances of the embeddings as scored (re-ranking's input), on the host."""
+  return np.asarray(euclidean_distance(jnp.asarray(query_emb), jnp.asarray(gallery_emb)))
 
 
 def _distances(query_emb: np.ndarray, gallery_emb: np.ndarray) -> np.ndarray:
-  """float32 [Q, G] retrieval distances (minus cosine similarity), on the host."""
+  """float32 [Q, G] retrieval distances (`pairwise_distance`: minus the dot product), on the host."""
   return np.asarray(pairwise_distance(jnp.asarray(query_emb), jnp.asarray(gallery_emb)))
 
 
@@ -294,14 +294,14 @@ def run_setting(source: DataSource, embeddings_by_set: Mapping[str, np.ndarray],
     raise DataError(f"setting {setting.name!r}: no image of test set {setting.query!r} is on the query cameras "
                     f"{setting.query_cameras} (its cameras: {sorted(set(q.cameras.tolist()))})")
   dist = _distances(q_emb[q_idx], g_emb)
-  q_q = _euclidean(_distances(q_emb[q_idx], q_emb[q_idx])) if rerank is not None else None
+  q_q = _euclidean(q_emb[q_idx], q_emb[q_idx]) if rerank is not None else None
   per_trial = []
   for trial in setting.trials:
     g_idx = gallery_indices(setting, g, trial)
     trial_dist = dist[:, g_idx]
     if rerank is not None:
-      g_g = _euclidean(_distances(g_emb[g_idx], g_emb[g_idx]))
-      trial_dist = re_ranking(_euclidean(trial_dist), q_q, g_g, rerank.k1, rerank.k2,
+      g_g = _euclidean(g_emb[g_idx], g_emb[g_idx])
+      trial_dist = re_ranking(_euclidean(q_emb[q_idx], g_emb[g_idx]), q_q, g_g, rerank.k1, rerank.k2,
                               rerank.lambda_value).astype(np.float32)
     per_trial.append({"trial": int(trial), **_score(trial_dist, q, q_idx, g, g_idx, setting.protocol, max_rank,
                                                     query_chunk)})
@@ -326,7 +326,7 @@ def run_protocols(source: DataSource, embeddings_by_set: Mapping[str, np.ndarray
 
   Per setting, the distances of its queries to its whole gallery set are computed once; a trial picks the columns
   of its gallery (with `rerank`, the k-reciprocal re-ranking is recomputed per trial on that gallery, from the
-  Euclidean distances of the L2-normalised embeddings).
+  Euclidean distances of the embeddings).
 
   Args:
     source: the data source (test sets: person ids, cameras, paths).

@@ -35,7 +35,7 @@ def re_ranking(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray,
 
   Args:
     q_g_dist: float [Q, G], q_q_dist: float [Q, Q], g_g_dist: float [G, G] non-negative distances, e.g. the
-      Euclidean distance of L2-normalised embeddings (sqrt(2 + 2 * pairwise_distance)).
+      Euclidean distance of the embeddings (`metrics.euclidean_distance`).
     k1, k2: neighbourhood sizes of the k-reciprocal sets and of the query expansion.
     lambda_value: weight of the original distance; 1 gives the squared, row-scaled original distance.
   Returns:
@@ -45,8 +45,8 @@ def re_ranking(q_g_dist: np.ndarray, q_q_dist: np.ndarray, g_g_dist: np.ndarray,
   """
   q_g_dist, q_q_dist, g_g_dist = (np.asarray(d, np.float32) for d in (q_g_dist, q_q_dist, g_g_dist))
   if min(q_g_dist.min(initial=0), q_q_dist.min(initial=0), g_g_dist.min(initial=0)) < 0:
-    raise ValueError("re_ranking needs non-negative distances: for pairwise_distance output d use "
-                     "sqrt(2 + 2 * d), the Euclidean distance of the normalised embeddings")
+    raise ValueError("re_ranking needs non-negative distances: pass the Euclidean distances of the "
+                     "embeddings (metrics.euclidean_distance), not pairwise_distance's negative dot products")
   num_query = q_g_dist.shape[0]
   original = np.block([[q_q_dist, q_g_dist], [q_g_dist.T, g_g_dist]]) ** 2
   original = original / np.maximum(original.max(axis=1, keepdims=True), np.finfo(np.float32).tiny)

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 
 from fdnm_jax.evaluation import compute_metrics, pairwise_distance
+from fdnm_jax.evaluation.metrics import euclidean_distance
 
 
 def _gallery(*items):
@@ -220,11 +221,15 @@ def test_several_row_blocks_and_chunks_match_reference(protocol):
                                                             pytest.approx(mean_inp, abs=1e-6), num_valid)
 
 
-def test_pairwise_distance_is_minus_cosine_similarity():
+def test_pairwise_distance_is_minus_the_plain_dot_product_and_euclidean_the_plain_norm():
   rng = np.random.default_rng(0)
   q, g = rng.standard_normal((3, 8)), rng.standard_normal((5, 8))
-  g[1] *= 100.0  # the scale of an embedding does not matter
-  expected = -np.array([[a @ b / np.linalg.norm(a) / np.linalg.norm(b) for b in g] for a in q])
+  g[1] *= 100.0  # the references do not re-normalise: the scale counts.
   d = pairwise_distance(jnp.asarray(q, jnp.float32), jnp.asarray(g, jnp.float32))
   assert d.shape == (3, 5) and d.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(d), expected, atol=1e-6)
+  # float32 products summed: error within a few ulps of sum |q_i g_i| (the bound below, with a 16x margin).
+  bound = 1e-6 * np.abs(q) @ np.abs(g).T
+  assert np.all(np.abs(np.asarray(d) + np.array([[a @ b for b in g] for a in q])) <= bound)
+  e = euclidean_distance(jnp.asarray(q, jnp.float32), jnp.asarray(g, jnp.float32))
+  # sqrt(|q|^2 + |g|^2 - 2 q.g) in float32: no near-duplicate rows here, so no cancellation beyond 1e-5 relative.
+  np.testing.assert_allclose(np.asarray(e), [[np.linalg.norm(a - b) for b in g] for a in q], rtol=1e-5)

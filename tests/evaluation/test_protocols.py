@@ -244,9 +244,9 @@ def _reference_trial(source, embeddings, setting, gallery_paths, rerank=None):
   q_idx = np.flatnonzero(np.isin(q.cameras, setting.query_cameras)) if setting.query_cameras else np.arange(len(q))
   position = {p: i for i, p in enumerate(g.paths)}
   g_idx = np.array([position[p] for p in gallery_paths])
-  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
-  qe = unit(embeddings[setting.query][q_idx].astype(np.float64))
-  ge = unit(embeddings[setting.gallery][g_idx].astype(np.float64))
+  # AGW / DEEN: distmat = query_feat @ gall_feat.T of the embeddings as given (no re-normalisation).
+  qe = embeddings[setting.query][q_idx].astype(np.float64)
+  ge = embeddings[setting.gallery][g_idx].astype(np.float64)
   dist = (-(qe @ ge.T)).astype(np.float32)
   if rerank is not None:
     euclid = lambda a, b: np.sqrt(np.maximum(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1), 0))
