@@ -158,6 +158,18 @@ def model_selection_split(source: DataSource, config: ml_collections.ConfigDict)
   return "validation" if has_validation and not config.evals.get("select_on_test", False) else "test"
 
 
+def selection_split(source: DataSource, config: ml_collections.ConfigDict) -> Optional[str]:
+  """The split whose periodic evaluations pick the best checkpoint (model selection), or None when nothing is
+  selected: "validation" with held-out ids (config.data.num_val_ids > 0); "test" only when asked
+  (config.evals.select_on_test: the paper's practice, not a held-out result); None without periodic evaluations
+  (config.evals.every_steps = 0) or with neither."""
+  if not config.evals.get("every_steps", 0):
+    return None
+  if config.evals.get("select_on_test", False):
+    return "test"
+  return "validation" if source.validation is not None or source.split == "validation" else None
+
+
 def selection_source(source: DataSource, config: ml_collections.ConfigDict) -> DataSource:
   """The DataSource the periodic evaluations score (see `model_selection_split`)."""
   if model_selection_split(source, config) == "validation" and source.validation is not None:
