@@ -543,8 +543,14 @@ def _free_bytes(path: str) -> Optional[int]:
     return None
 
 
-def _mib(n: Optional[int]) -> str:
-  return "unknown" if n is None else f"{n / 2**20:.1f} MiB"
+def _size(n: Optional[int]) -> str:
+  """Bytes in KiB / MiB / GiB (one decimal)."""
+  if n is None:
+    return "unknown"
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+    if n >= scale:
+      return f"{n / scale:.1f} {unit}"
+  return f"{n / 2**10:.1f} KiB"
 
 
 def save_error(exc: BaseException, workdir: str, step: int, needed: int) -> Optional[CheckpointError]:
@@ -557,8 +563,8 @@ def save_error(exc: BaseException, workdir: str, step: int, needed: int) -> Opti
   resume = (f"the checkpoints saved before are intact (latest: step {previous[-1]}) and rerunning the same command "
             f"resumes from it" if previous else "no earlier checkpoint exists: rerunning the command starts over")
   if code in _DISK_FULL:
-    what = (f"{os.strerror(code).lower()} ({_mib(_free_bytes(path))} free there; the checkpoint needs up to "
-            f"{_mib(needed)}, the train state before compression)")
+    what = (f"{os.strerror(code).lower()} ({_size(_free_bytes(path))} free there; the checkpoint needs up to "
+            f"{_size(needed)}, the train state before compression)")
     fix = "Free space on that disk or move the workdir to a larger one"
   else:
     what = f"{os.strerror(code).lower()}"
@@ -660,14 +666,14 @@ class TrainCheckpoints:
     out = {s: self.selection.score_of(self.manager.metrics(s)) for s in self.manager.all_steps()}
     return {s: v for s, v in out.items() if v > -math.inf}
 
-  def restore_latest(self, abstract_state: Any, fields: Callable[[], str], fix: str) -> tuple[Optional[Any], int]:
+  def restore_latest(self, abstract_state: Any, fields: Callable[[dict], str], fix: str) -> tuple[Optional[Any], int]:
     """Restores the latest readable checkpoint into `abstract_state`: (state, step), or (None, 0) when none is left.
 
     An unreadable checkpoint is moved aside (`move_aside`, reason "unreadable") with a warning naming the step, the
     path, where it went and the steps that will be retrained; then the previous one is tried.
 
     Args:
-      fields: fn() -> the config fields that differ from the run's record (`mismatch_error`), called on a mismatch.
+      fields: fn(the checkpoint's metadata tree) -> the config fields behind a mismatch (`mismatch_error`).
       fix: the fix a mismatch error proposes.
     Raises:
       CheckpointError: the latest checkpoint does not fit `abstract_state` (another model): nothing is moved.
@@ -682,7 +688,7 @@ class TrainCheckpoints:
         tree = state_metadata(path, step)
         mismatch = compare_shapes(tree, abstract_state)
         if mismatch:
-          raise mismatch_error(step, path, mismatch, fields(), fix)
+          raise mismatch_error(step, path, mismatch, fields(tree), fix)
         state = _restore_checked(lambda: restore(self.manager, abstract_state, step)[0], step, path, tree)
       except UnreadableCheckpointError as e:
         lost_from = step if lost_from is None else lost_from

@@ -116,3 +116,71 @@ def load_stored(workdir: str) -> Optional[ml_collections.ConfigDict]:
   with open(path) as f:
     saved = _tuples(json.load(f))
   return ml_collections.ConfigDict(_merged(default.get_config().to_dict(), saved))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluating a workdir (`--mode=eval|extract|visualize`): which fields of a given --config may differ from the
+# stored one. (The checkpoint/eval block, kept apart from the training contract above.)
+
+# Fields that fix the evaluated function or the test set: another value would score another model or other images.
+EVAL_FIXED_FIELDS = (
+    "model.",  # every model field, parameter-free ones too (anm_keep_original, spectral_transform, dtype, ...)
+    "input.height", "input.width",  # the test-time resize the model was trained for.
+    "dataset", "data.trial", "data.fold", "data.modality_folder_suffix", "synthetic.",  # the test split.
+)
+EVAL_TRAINING_ONLY_FIELDS = ("model.pretrained",)  # model fields that only chose the initial weights.
+
+
+def eval_role(key: str) -> str:
+  """"fixed", "free" or "training-only" for evaluation, of a dotted field name.
+
+  fixed: must equal the stored value (EVAL_FIXED_FIELDS); free: the run's free fields (`field_role`) and
+  data.skip_missing_images (how the test lists are read), taken from the given config; training-only: the rest
+  (loss, optimiser, schedule, augmentation, seed, data.num_val_ids, model.pretrained), which evaluation ignores.
+  """
+  if key in EVAL_TRAINING_ONLY_FIELDS:
+    return "training-only"
+  for fixed in EVAL_FIXED_FIELDS:
+    if key == fixed or (fixed.endswith(".") and key.startswith(fixed)):
+      return "fixed"
+  if field_role(key) == "free" or key == "data.skip_missing_images":
+    return "free"
+  return "training-only"
+
+
+def eval_mismatches(stored: Any, given: Any) -> list[FieldChange]:
+  """The fixed-for-evaluation fields (`eval_role`) whose values differ between the stored config and a given one."""
+  return [c for c in diff(stored, given) if eval_role(c.key) == "fixed"]
+
+
+def _set_dotted(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  *sections, leaf = key.split(".")
+  node = config
+  for name in sections:
+    node = node[name]
+  with node.unlocked():
+    node[leaf] = value
+
+
+def _get_dotted(config: Any, key: str) -> Any:
+  node = config
+  for name in key.split("."):
+    node = node[name]
+  return node
+
+
+def eval_config(stored: ml_collections.ConfigDict, given: ml_collections.ConfigDict
+                ) -> tuple[ml_collections.ConfigDict, list[FieldChange], list[FieldChange]]:
+  """The config an evaluation of a workdir runs with: the stored one, with the free fields of `given`.
+
+  Returns:
+    (config, overridden: the free fields taken from `given`, ignored: the training-only fields that differ).
+    Call `eval_mismatches` first: fixed fields are not checked here.
+  """
+  config = ml_collections.ConfigDict(stored.to_dict())
+  changes = diff(stored, given)
+  overridden = [c for c in changes if eval_role(c.key) == "free" and c.new is not _MISSING]
+  for c in overridden:
+    _set_dotted(config, c.key, _get_dotted(given, c.key))
+  ignored = [c for c in changes if eval_role(c.key) == "training-only"]
+  return config, overridden, ignored

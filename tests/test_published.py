@@ -3,7 +3,8 @@ source, and the eval report's section shows the rows of its settings only, label
 
 import pytest
 
-from fdnm_jax.evaluation import eval_mode, published
+from fdnm_jax import eval_mode
+from fdnm_jax.evaluation import published
 
 HEADER = "| " + " | ".join(published.COLUMNS) + " |\n|---|---|---|---|---|---|---|---|\n"
 
