@@ -32,6 +32,8 @@ import math
 import os
 import re
 import shutil
+import sys
+import traceback
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -505,11 +507,16 @@ def storage_errno(exc: BaseException) -> Optional[int]:
 
 
 class _DropStorageErrorLogs(py_logging.Filter):
-  """Keeps orbax's ERROR records of disk-full / permission errors (with their tracebacks) out of the log: the
-  save raises them again, and `save_error` reports them in one line."""
+  """Keeps the ERROR records of disk-full / permission errors (with their tracebacks) out of the log: orbax's
+  (absl logger, records from orbax's files) and asyncio's "Task exception was never retrieved" of the failed
+  save's write tasks. The save raises the error again, and `save_error` reports it in one line."""
+
+  def __init__(self, orbax_only: bool):
+    super().__init__()
+    self.orbax_only = orbax_only
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    if record.levelno < py_logging.ERROR or "/orbax/" not in str(record.pathname):
+    if record.levelno < py_logging.ERROR or (self.orbax_only and "/orbax/" not in str(record.pathname)):
       return True
     exc = record.exc_info[1] if record.exc_info else None
     if exc is not None and storage_errno(exc) is not None:
@@ -517,13 +524,46 @@ class _DropStorageErrorLogs(py_logging.Filter):
     return storage_errno(Exception(record.getMessage())) is None
 
 
-_FILTER = _DropStorageErrorLogs()
+_FILTERS = {"absl": _DropStorageErrorLogs(orbax_only=True), "asyncio": _DropStorageErrorLogs(orbax_only=False)}
 
 
 def _quiet_storage_error_logs() -> None:
-  logger = py_logging.getLogger("absl")
-  if _FILTER not in logger.filters:
-    logger.addFilter(_FILTER)
+  for name, log_filter in _FILTERS.items():
+    logger = py_logging.getLogger(name)
+    if log_filter not in logger.filters:
+      logger.addFilter(log_filter)
+
+
+def _is_closed_loop_noise(unraisable: Any) -> bool:
+  exc = unraisable.exc_value
+  return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and unraisable.object is None
+          and exc.__traceback__ is not None and any(
+              frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(exc.__traceback__)))
+
+
+class _ClosedLoopNoise:
+  """While installed (a training run's checkpoints are open): when a save fails, the write callbacks of orbax's
+  TensorStore futures still reach the event loop it closed, and Python prints each "RuntimeError: Event loop is
+  closed" as an unraisable exception, a traceback apiece. This `sys.unraisablehook` drops exactly those (raised
+  in `call_soon_threadsafe`, no object) and passes everything else on."""
+
+  def __init__(self):
+    self.previous = None
+
+  def __call__(self, unraisable: Any) -> None:
+    if not _is_closed_loop_noise(unraisable):
+      (self.previous or sys.__unraisablehook__)(unraisable)
+
+  def install(self) -> None:
+    if sys.unraisablehook is not self:
+      self.previous, sys.unraisablehook = sys.unraisablehook, self
+
+  def uninstall(self) -> None:
+    if sys.unraisablehook is self:
+      sys.unraisablehook = self.previous or sys.__unraisablehook__
+
+
+_CLOSED_LOOP_NOISE = _ClosedLoopNoise()
 
 
 def state_bytes(state: Any) -> int:
@@ -602,6 +642,8 @@ class TrainCheckpoints:
     _barrier("fdnm_jax.checkpoints: partial saves cleaned")
     self.manager = make_manager(self.workdir, ckpt_config, selection=selection)
     self._pending: Optional[tuple[int, int]] = None  # (step, bytes) of an async save not yet waited for.
+    self._failed = False
+    _CLOSED_LOOP_NOISE.install()
     self.retrained: Optional[dict] = None  # what a fallback resume lost: {"from", "to", "steps", "moved"}.
 
   def latest_step(self) -> Optional[int]:
@@ -611,6 +653,7 @@ class TrainCheckpoints:
     error = save_error(exc, self.workdir, step, needed)
     if error is None:
       raise exc
+    self._failed = True  # the hook stays for the callbacks still to come.
     if jax.process_index() == 0:
       _remove_tmp_of(self.workdir, step)
     raise error from None
@@ -647,6 +690,8 @@ class TrainCheckpoints:
 
   def close(self) -> None:
     self.manager.close()
+    if not self._failed:
+      _CLOSED_LOOP_NOISE.uninstall()
 
   def best(self) -> Optional[tuple[int, float]]:
     """(step, score) of the best-scored checkpoint of this selection still on disk, or None."""

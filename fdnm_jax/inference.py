@@ -1,4 +1,11 @@
-"""Feature extraction with a trained workdir: load its config and checkpoint, embed any images of one modality.
+"""A trained workdir's model for eval, extract and visualize (its config, its checkpoint), and feature extraction.
+
+Loading (`resolve_config`, `load_model`) is the one path of `--mode=eval|extract|visualize`: the workdir's
+config.json (a --config may change evaluation fields only), then the checkpoint's params and BN statistics restored
+from its own metadata (`checkpoints.restore_variables`; no data set, no optimizer), checked against the model of
+the config first.
+
+Feature extraction embeds any images of one modality:
 
   python main.py --mode=extract --workdir=runs/synthetic --images=/data/my_crops --modality=infrared --out=feats/
   python -m fdnm_jax.inference --workdir=runs/synthetic --images=list.txt --modality=visible --out=feats/

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 import uuid
 
 import jax
@@ -221,6 +222,35 @@ def test_orbax_tracebacks_of_storage_errors_are_kept_out_of_the_log():
   assert logger.filter(record("raised an exception: shape mismatch"))  # other orbax errors stay.
   assert logger.filter(record("disk full", full, path="/repo/fdnm_jax/train.py"))  # and everyone else's.
   assert logger.filter(record("No space left [os_error_code='28']", level=py_logging.WARNING))
+
+
+def test_only_the_closed_event_loop_noise_of_a_failed_save_is_dropped(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  noise = checkpoints._ClosedLoopNoise()  # pylint: disable=protected-access
+
+  def call_soon_threadsafe():  # where asyncio raises it for the callbacks of a failed save.
+    raise RuntimeError("Event loop is closed")
+
+  def unraisable(fn, obj=None):
+    try:
+      fn()
+    except RuntimeError as e:
+      return types.SimpleNamespace(exc_type=RuntimeError, exc_value=e, exc_traceback=e.__traceback__, object=obj,
+                                   err_msg=None)
+
+  def elsewhere():
+    raise RuntimeError("Event loop is closed")
+
+  noise.install()
+  try:
+    sys.unraisablehook(unraisable(call_soon_threadsafe))
+    kept = [unraisable(elsewhere), unraisable(call_soon_threadsafe, obj="a finalizer")]
+    for u in kept:
+      sys.unraisablehook(u)
+  finally:
+    noise.uninstall()
+  assert seen == kept and sys.unraisablehook == seen.append
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,6 +457,28 @@ def test_a_finished_run_with_a_truncated_latest_checkpoint_retrains_from_the_pre
   assert checkpoints.committed_steps(workdir) == [2, 4]  # step 4 trained and saved again.
   assert got["resume_fallback"]["from"] == 2 and got["resume_fallback"]["steps"] == 2
   _assert_same_final_numbers(got, want)
+
+
+@pytest.mark.slow  # no training: the model's abstract state only (eval_shape).
+def test_resuming_a_run_with_another_model_names_the_fields_and_both_values(reference):
+  workdir, _ = reference
+  config = tiny.get_config()
+  config.model.width = 16
+  config.model.stage_sizes = (1, 2, 1, 1)
+  run = train.build_run(config, workdir, _mesh())
+  ckpts = checkpoints.TrainCheckpoints(workdir, config.checkpoint)
+  try:
+    with pytest.raises(CheckpointError) as e:
+      ckpts.restore_latest(run.abstract_state, lambda tree: checkpoints.model_field_differences(
+          tree["params"], run.abstract_state.params), fix="Use the run's config.")
+  finally:
+    ckpts.close()
+  message = str(e.value)
+  assert "model.width: 8 in the checkpoint, 16 in this config" in message, message
+  assert "model.stage_sizes: [1, 1, 1, 1] in the checkpoint, [1, 2, 1, 1] in this config" in message, message
+  # The extra block: 3 conv kernels + 3 BN scales and biases (9 params), 3 BN means and variances, 9 momenta = 24.
+  assert "24 only in this config's model, first batch_stats/layer2/block1/" in message, message
+  assert checkpoints.committed_steps(workdir) == [2, 4]
 
 
 def _limit_writes(pid, path, mounted):
