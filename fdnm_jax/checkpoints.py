@@ -347,17 +347,12 @@ def _shape_dtype(x: Any) -> str:
   return f"{tuple(int(d) for d in x.shape)} {np.dtype(x.dtype).name}"
 
 
-def compare_shapes(checkpoint_tree: Any, target_tree: Any, prefixes: Optional[tuple[str, ...]] = None) -> ShapeMismatch:
-  """Compares a checkpoint's metadata tree with a target (arrays or ShapeDtypeStructs), leaf by leaf.
-
-  `prefixes`: compare only leaves whose names start with one of them (e.g. ("params/", "batch_stats/")).
-  """
+def compare_shapes(checkpoint_tree: Any, target_tree: Any) -> ShapeMismatch:
+  """Compares a checkpoint's metadata tree with a target (arrays or ShapeDtypeStructs), leaf by leaf: shapes,
+  dtypes, and the leaves only one of them has."""
   have, want = _flat(checkpoint_tree), _flat(target_tree)
-  if prefixes is not None:
-    have = {k: v for k, v in have.items() if k.startswith(prefixes)}
-    want = {k: v for k, v in want.items() if k.startswith(prefixes)}
   differing = tuple((k, _shape_dtype(have[k]), _shape_dtype(want[k])) for k in sorted(set(have) & set(want))
-                    if tuple(have[k].shape) != tuple(want[k].shape) or np.dtype(have[k].dtype) != np.dtype(want[k].dtype))
+                    if _shape_dtype(have[k]) != _shape_dtype(want[k]))
   return ShapeMismatch(differing, tuple(sorted(set(have) - set(want))), tuple(sorted(set(want) - set(have))))
 
 

@@ -347,7 +347,7 @@ def _final_report(run: "Run", state: TrainState, config, mesh, workdir, log: Met
                      write=False)
   models = [{"label": "last", "step": total, "selected_on": None, "settings": report["settings"]}]
   if selection is None:
-    report["model_selection"] = {"split": None, "reason": _no_selection_reason(run.source, config)}
+    report["model_selection"] = {"split": None, "reason": _no_selection_reason(config)}
   else:
     best = ckpts.best()
     report["model_selection"] = {"split": selection.split, "metric": selection.metric,
@@ -373,7 +373,7 @@ def _final_report(run: "Run", state: TrainState, config, mesh, workdir, log: Met
   return report
 
 
-def _no_selection_reason(source: sources.DataSource, config: ml_collections.ConfigDict) -> str:
+def _no_selection_reason(config: ml_collections.ConfigDict) -> str:
   if not config.evals.get("every_steps", 0):
     return "no periodic evaluations (config.evals.every_steps = 0): the last step is reported"
   return ("no validation split (config.data.num_val_ids = 0) and config.evals.select_on_test is off: the periodic "

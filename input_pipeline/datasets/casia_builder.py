@@ -84,7 +84,8 @@ def read_prepared_fold(data_dir: str, fold: int, test_only: bool = False) -> dic
                       f"{fold}: pass --config.data.fold={stored} or the fold_{fold} folder.")
   sets = {"gallery": prepared.image_set("gallery", VISIBLE), "probe": prepared.image_set("probe", INFRARED)}
   if not test_only:
-    sets.update(train_visible=prepared.image_set("train", VISIBLE), train_infrared=prepared.image_set("train", INFRARED))
+    sets.update(train_visible=prepared.image_set("train", VISIBLE),
+                train_infrared=prepared.image_set("train", INFRARED))
   return sets
 
 
