@@ -300,19 +300,24 @@ def state_metadata(step_folder: str, step: Optional[int] = None) -> dict:
     UnreadableCheckpointError: the metadata cannot be read, or it is not an fdnm-jax train state.
   """
   step = int(os.path.basename(str(step_folder).rstrip("/"))) if step is None else step
+  _NOISE.install()  # every read of a checkpoint starts here: a failed read's aftermath stays out of the output.
+  _quiet_storage_error_logs()
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)  # orbax warns that the item folder has no step metadata: expected here.
   try:
     with ocp.StandardCheckpointer() as reader:
       meta = reader.metadata(_join(str(step_folder), STATE_ITEM))
   except Exception as e:  # pylint: disable=broad-except  (any failure to read the files is the checkpoint's)
+    _known_unreadable(str(step_folder))
     raise UnreadableCheckpointError(step, str(step_folder), f"its metadata: {_short(e)}") from e
   finally:
     logging.set_verbosity(verbosity)
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
   if not isinstance(tree, dict) or "params" not in tree:
-    raise UnreadableCheckpointError(step, str(step_folder), "no 'params' in it: not an fdnm-jax train state")
+    _known_unreadable(str(step_folder))
+    raise UnreadableCheckpointError(step, str(step_folder), "its metadata holds no 'params' tree: damaged, or not "
+                                    "an fdnm-jax train state")
   return tree
 
 
@@ -398,6 +403,7 @@ def _restore_checked(read: Callable[[], Any], step: int, path: str, metadata_tre
     reason = unreadable_reason(path, metadata_tree)
     if reason is None:
       raise
+    _known_unreadable(path)
     raise UnreadableCheckpointError(step, path, reason) from e
 
 
@@ -501,10 +507,30 @@ def storage_errno(exc: BaseException) -> Optional[int]:
   return None
 
 
-class _DropStorageErrorLogs(py_logging.Filter):
-  """Keeps the ERROR records of disk-full / permission errors (with their tracebacks) out of the log: orbax's
-  (absl logger, records from orbax's files) and asyncio's "Task exception was never retrieved" of the failed
-  save's write tasks. The save raises the error again, and `save_error` reports it in one line."""
+_UNREADABLE_PATHS: set = set()  # step folders found unreadable in this process (their read errors are reported).
+
+
+def _known_unreadable(path: str) -> None:
+  """Records a step folder as unreadable: the errors of its other, never-awaited read tasks stay out of the log."""
+  _quiet_storage_error_logs()
+  _NOISE.install()
+  _UNREADABLE_PATHS.add(str(path).rstrip("/") + "/")
+
+
+def _chain_text(exc: Optional[BaseException]) -> str:
+  parts, seen = [], set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    parts.append(str(exc))
+    exc = exc.__cause__ or exc.__context__
+  return "\n".join(parts)
+
+
+class _DropReportedErrorLogs(py_logging.Filter):
+  """Keeps ERROR records (with their tracebacks) of errors fdnm-jax reports itself in one line out of the log:
+  disk-full / permission errors of a save (orbax's records, on the absl logger, and asyncio's "Task exception was
+  never retrieved" of the failed save's write tasks), and the read errors of a checkpoint found unreadable (asyncio's
+  records of its other read tasks: hundreds of TensorStore lines apiece)."""
 
   def __init__(self, orbax_only: bool):
     super().__init__()
@@ -514,12 +540,13 @@ class _DropStorageErrorLogs(py_logging.Filter):
     if record.levelno < py_logging.ERROR or (self.orbax_only and "/orbax/" not in str(record.pathname)):
       return True
     exc = record.exc_info[1] if record.exc_info else None
-    if exc is not None and storage_errno(exc) is not None:
+    text = record.getMessage() + "\n" + _chain_text(exc)
+    if storage_errno(Exception(text)) is not None or (exc is not None and storage_errno(exc) is not None):
       return False
-    return storage_errno(Exception(record.getMessage())) is None
+    return not any(path in text for path in _UNREADABLE_PATHS)
 
 
-_FILTERS = {"absl": _DropStorageErrorLogs(orbax_only=True), "asyncio": _DropStorageErrorLogs(orbax_only=False)}
+_FILTERS = {"absl": _DropReportedErrorLogs(orbax_only=True), "asyncio": _DropReportedErrorLogs(orbax_only=False)}
 
 
 def _quiet_storage_error_logs() -> None:
@@ -529,24 +556,32 @@ def _quiet_storage_error_logs() -> None:
       logger.addFilter(log_filter)
 
 
-def _is_closed_loop_noise(unraisable: Any) -> bool:
+def _is_reported_noise(unraisable: Any) -> bool:
+  """Whether an unraisable exception is the aftermath of an error fdnm-jax reports itself: "Event loop is closed"
+  raised in `call_soon_threadsafe` for the write callbacks of a failed save (no object), or the error of a
+  never-awaited read or write coroutine of a checkpoint found unreadable or of a save that hit a storage error."""
   exc = unraisable.exc_value
-  return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and unraisable.object is None
-          and exc.__traceback__ is not None and any(
-              frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(exc.__traceback__)))
+  if (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and unraisable.object is None
+      and exc.__traceback__ is not None
+      and any(frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(exc.__traceback__))):
+    return True
+  if exc is None or unraisable.object is None or not hasattr(unraisable.object, "cr_code"):  # coroutines only.
+    return False
+  text = _chain_text(exc)
+  return storage_errno(exc) is not None or any(path in text for path in _UNREADABLE_PATHS)
 
 
-class _ClosedLoopNoise:
-  """While installed (a training run's checkpoints are open): when a save fails, the write callbacks of orbax's
-  TensorStore futures still reach the event loop it closed, and Python prints each "RuntimeError: Event loop is
-  closed" as an unraisable exception, a traceback apiece. This `sys.unraisablehook` drops exactly those (raised
-  in `call_soon_threadsafe`, no object) and passes everything else on."""
+class _ReportedErrorNoise:
+  """A `sys.unraisablehook` that drops the tracebacks Python prints, one apiece, for what orbax's TensorStore
+  futures and coroutines leave behind after a failed save or an unreadable checkpoint (`_is_reported_noise`), and
+  passes every other unraisable exception on. Installed while a training run's checkpoints are open and once a
+  checkpoint was found unreadable."""
 
   def __init__(self):
     self.previous = None
 
   def __call__(self, unraisable: Any) -> None:
-    if not _is_closed_loop_noise(unraisable):
+    if not _is_reported_noise(unraisable):
       (self.previous or sys.__unraisablehook__)(unraisable)
 
   def install(self) -> None:
@@ -558,7 +593,7 @@ class _ClosedLoopNoise:
       sys.unraisablehook = self.previous or sys.__unraisablehook__
 
 
-_CLOSED_LOOP_NOISE = _ClosedLoopNoise()
+_NOISE = _ReportedErrorNoise()
 
 
 def state_bytes(state: Any) -> int:
@@ -638,7 +673,7 @@ class TrainCheckpoints:
     self.manager = make_manager(self.workdir, ckpt_config, selection=selection)
     self._pending: Optional[tuple[int, int]] = None  # (step, bytes) of an async save not yet waited for.
     self._failed = False
-    _CLOSED_LOOP_NOISE.install()
+    _NOISE.install()
     self.retrained: Optional[dict] = None  # what a fallback resume lost: {"from", "to", "steps", "moved"}.
 
   def latest_step(self) -> Optional[int]:
@@ -648,7 +683,7 @@ class TrainCheckpoints:
     error = save_error(exc, self.workdir, step, needed)
     if error is None:
       raise exc
-    self._failed = True  # the hook stays for the callbacks still to come.
+    self._failed = True
     if jax.process_index() == 0:
       _remove_tmp_of(self.workdir, step)
     raise error from None
@@ -685,8 +720,8 @@ class TrainCheckpoints:
 
   def close(self) -> None:
     self.manager.close()
-    if not self._failed:
-      _CLOSED_LOOP_NOISE.uninstall()
+    if not self._failed and not _UNREADABLE_PATHS:  # else the hook stays for the callbacks still to come.
+      _NOISE.uninstall()
 
   def best(self) -> Optional[tuple[int, float]]:
     """(step, score) of the best-scored checkpoint of this selection still on disk, or None."""

@@ -222,30 +222,54 @@ def test_orbax_tracebacks_of_storage_errors_are_kept_out_of_the_log():
   assert logger.filter(record("raised an exception: shape mismatch"))  # other orbax errors stay.
   assert logger.filter(record("disk full", full, path="/repo/fdnm_jax/train.py"))  # and everyone else's.
   assert logger.filter(record("No space left [os_error_code='28']", level=py_logging.WARNING))
+  # The never-awaited read tasks of a checkpoint found unreadable (asyncio's records): dropped for that folder only.
+  tasks = py_logging.getLogger("asyncio")
+  checkpoints._known_unreadable("/runs/x/checkpoints/4")  # pylint: disable=protected-access
+  read_error = ValueError('OUT_OF_RANGE: Error reading "params.a/0" in OCDBT database at local file '
+                          '"/runs/x/checkpoints/4/state/": Requested byte range [0, 2299) is not valid')
+  assert not tasks.filter(tasks.makeRecord("asyncio", py_logging.ERROR, "base_events.py", 1, "Task exception was "
+                                           "never retrieved", (), (ValueError, read_error, None)))
+  other = ValueError('OUT_OF_RANGE: Error reading "params.a/0" at local file "/runs/x/checkpoints/40/state/"')
+  assert tasks.filter(tasks.makeRecord("asyncio", py_logging.ERROR, "base_events.py", 1, "Task exception was never "
+                                       "retrieved", (), (ValueError, other, None)))
 
 
-def test_only_the_closed_event_loop_noise_of_a_failed_save_is_dropped(monkeypatch):
+def test_only_the_aftermath_of_reported_errors_is_dropped_from_unraisable_exceptions(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", seen.append)
-  noise = checkpoints._ClosedLoopNoise()  # pylint: disable=protected-access
+  noise = checkpoints._ReportedErrorNoise()  # pylint: disable=protected-access
 
   def call_soon_threadsafe():  # where asyncio raises it for the callbacks of a failed save.
     raise RuntimeError("Event loop is closed")
 
-  def unraisable(fn, obj=None):
-    try:
-      fn()
-    except RuntimeError as e:
-      return types.SimpleNamespace(exc_type=RuntimeError, exc_value=e, exc_traceback=e.__traceback__, object=obj,
-                                   err_msg=None)
-
   def elsewhere():
     raise RuntimeError("Event loop is closed")
 
+  def read_error(path):
+    def read():
+      raise ValueError(f'OUT_OF_RANGE: Error reading "params.a/0" at local file "{path}/state/"')
+    return read
+
+  def unraisable(fn, obj=None):
+    try:
+      fn()
+    except (RuntimeError, ValueError) as e:
+      return types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__, object=obj,
+                                   err_msg=None)
+
+  async def read_coroutine():
+    pass
+
+  coroutine = read_coroutine()
+  coroutine.close()
+  monkeypatch.setattr(checkpoints, "_UNREADABLE_PATHS", {"/runs/y/checkpoints/6/"})  # as _known_unreadable records.
   noise.install()
   try:
-    sys.unraisablehook(unraisable(call_soon_threadsafe))
-    kept = [unraisable(elsewhere), unraisable(call_soon_threadsafe, obj="a finalizer")]
+    sys.unraisablehook(unraisable(call_soon_threadsafe))  # dropped,
+    sys.unraisablehook(unraisable(read_error("/runs/y/checkpoints/6"), coroutine))  # dropped,
+    kept = [unraisable(elsewhere), unraisable(call_soon_threadsafe, obj="a finalizer"),
+            unraisable(read_error("/runs/y/checkpoints/60"), coroutine),  # another folder's read error,
+            unraisable(read_error("/runs/y/checkpoints/6"))]  # not a coroutine's.
     for u in kept:
       sys.unraisablehook(u)
   finally:
@@ -444,17 +468,20 @@ def _assert_same_final_numbers(got, want):
 
 
 @pytest.mark.slow
-def test_a_finished_run_with_a_truncated_latest_checkpoint_retrains_from_the_previous_one(reference, tmp_path,
-                                                                                           caplog):
+def test_a_finished_run_with_a_truncated_latest_checkpoint_retrains_from_the_previous_one(reference, tmp_path):
   source_dir, want = reference
   workdir = str(tmp_path / "run")
   shutil.copytree(source_dir, workdir)
   _truncate_largest_data_file(os.path.join(workdir, "checkpoints", "4"))
-  with caplog.at_level(py_logging.WARNING):
-    got = train.train_and_evaluate(tiny.get_config(), workdir)
-  assert "checkpoint step 4 at" in caplog.text and "steps 3-4 (2 steps) will be retrained" in caplog.text
+  proc = subprocesses.run_main(workdir)  # main.py, as a user reruns the command.
+  warnings = [line for line in proc.stderr.splitlines() if "cannot be read" in line]
+  assert len(warnings) == 1 and f"checkpoint step 4 at {workdir}/checkpoints/4 cannot be read (" in warnings[0]
+  assert "steps 3-4 (2 steps) will be retrained" in warnings[0], warnings[0]
+  assert "Traceback" not in proc.stderr, proc.stderr[-6000:]  # TensorStore's read errors are not dumped.
   assert os.listdir(os.path.join(workdir, checkpoints.QUARANTINE)) == ["4-unreadable"]
   assert checkpoints.committed_steps(workdir) == [2, 4]  # step 4 trained and saved again.
+  with open(os.path.join(workdir, "results", "tiny.json")) as f:
+    got = json.load(f)
   assert got["resume_fallback"]["from"] == 2 and got["resume_fallback"]["steps"] == 2
   _assert_same_final_numbers(got, want)
 
