@@ -3,7 +3,7 @@
   python main.py --config=configs/synthetic.py --workdir=runs/synthetic
   python main.py --config=configs/regdb.py --workdir=runs/regdb --config.data.root=/data/RegDB \\
       --config.model.pretrained=/data/resnet50.npz
-  python main.py --mode=eval --config=configs/synthetic.py --workdir=runs/synthetic [--checkpoint=STEP]
+  python main.py --mode=eval --workdir=runs/synthetic [--checkpoint=STEP] [--config=... evaluation overrides]
   python main.py --mode=extract --workdir=runs/synthetic --images=DIR_OR_LIST --modality=infrared --out=feats/
   python main.py --mode=visualize --workdir=runs/synthetic [--queries=6] [--compare_workdir=runs/baseline]
 
@@ -167,7 +167,7 @@ def check_command(argv: list[str]):
     raise FlagError("--allow_untrained applies to --mode=eval only")
   if FLAGS.mode != "train" and FLAGS.allow_config_change:
     raise FlagError("--allow_config_change applies to --mode=train only")
-  if FLAGS.config is None and FLAGS.mode in ("train", "eval"):
+  if FLAGS.config is None and FLAGS.mode == "train":  # eval/extract/visualize default to <workdir>/config.json.
     raise FlagError(f"--mode={FLAGS.mode} needs --config (a configs/*.py file)")
   if FLAGS.mode == "extract" and not (FLAGS.images and FLAGS.modality and FLAGS.out):
     raise FlagError("--mode=extract needs --images, --modality (visible|infrared) and --out")
@@ -205,11 +205,9 @@ def main(argv):
   try:
     if FLAGS.mode == "train":
       report = train.train_and_evaluate(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
-      from fdnm_jax.evaluation.evaluator import format_table  # pylint: disable=g-import-not-at-top
-      print(f"\n{report['name']} ({report['dataset']}, step {report['step']}, {report.get('init', 'init unknown')}):")
-      print(format_table(report["settings"]))
+      print("\n" + train.format_final_report(report))
     elif FLAGS.mode == "eval":
-      from fdnm_jax.evaluation import eval_mode  # pylint: disable=g-import-not-at-top
+      from fdnm_jax import eval_mode  # pylint: disable=g-import-not-at-top
       eval_mode.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.allow_untrained)
     elif FLAGS.mode == "extract":
       from fdnm_jax import inference  # pylint: disable=g-import-not-at-top

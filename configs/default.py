@@ -93,7 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.evals = ml_collections.ConfigDict()
   config.evals.every_steps = 0  # evaluate every N steps during training; 0 = only at the end.
-  config.evals.select_on_test = False  # periodic evals score the test set even when a validation split exists.
+  config.evals.select_on_test = False  # periodic evals score (and select the best checkpoint on) the test set.
+  config.evals.select_metric = "mAP"  # model selection: metric (mean over the settings) that picks the best.
   config.evals.sysu_gallery_sampling = "seeded"  # SYSU gallery: seeded (AGW random.seed(trial)) | official (.mat).
   config.evals.face_folds = ()  # face protocol: folds scored (mean +- std over them); () = config.data.fold.
   config.evals.test_flip = True  # test-time flip: embedding = image's + mirror's, not re-normalised (DEEN).

@@ -1,4 +1,11 @@
-"""Feature extraction with a trained workdir: load its config and checkpoint, embed any images of one modality.
+"""A trained workdir's model for eval, extract and visualize (its config, its checkpoint), and feature extraction.
+
+Loading (`resolve_config`, `load_model`) is the one path of `--mode=eval|extract|visualize`: the workdir's
+config.json (a --config may change evaluation fields only), then the checkpoint's params and BN statistics restored
+from its own metadata (`checkpoints.restore_variables`; no data set, no optimizer), checked against the model of
+the config first.
+
+Feature extraction embeds any images of one modality:
 
   python main.py --mode=extract --workdir=runs/synthetic --images=/data/my_crops --modality=infrared --out=feats/
   python -m fdnm_jax.inference --workdir=runs/synthetic --images=list.txt --modality=visible --out=feats/
@@ -13,17 +20,17 @@ The embedding is the evaluator's: the same eval transform (`pipeline.eval_batche
 (config.evals.test_flip), so a test image's features equal the evaluator's embedding of it bit for bit.
 """
 
-import json
+import dataclasses
 import os
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
-from fdnm_jax import checkpoints, precise_bn, sharding
+from fdnm_jax import checkpoints, precise_bn, run_config, sharding
 from fdnm_jax.errors import CheckpointError, DataError, FlagError, MissingFileError
 from fdnm_jax.evaluation import evaluator
 from fdnm_jax.models.fdnm import fdnm_from_config
@@ -34,102 +41,152 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what `p
 MODALITY_IDS = {"visible": VISIBLE, "infrared": INFRARED}
 
 
-def _tuples(obj: Any) -> Any:
-  """JSON lists back to tuples (config.json stores the config's tuples as lists)."""
-  if isinstance(obj, dict):
-    return {k: _tuples(v) for k, v in obj.items()}
-  if isinstance(obj, list):
-    return tuple(_tuples(v) for v in obj)
-  return obj
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """The config an evaluation of a workdir runs with, and how it came about (reports list both lists)."""
+  config: ml_collections.ConfigDict
+  overridden: tuple  # run_config.FieldChange: free fields taken from the given --config.
+  ignored: tuple  # run_config.FieldChange: training-only fields of the given --config that differ (not used).
+  source: str  # "<workdir>/config.json", "<workdir>/config.json + --config" or "--config (no config.json)".
 
-
-def _merged(defaults: dict, saved: dict) -> dict:
-  """`saved` over `defaults`, section by section: fields a newer fdnm-jax added keep their defaults."""
-  out = dict(defaults)
-  for k, v in saved.items():
-    out[k] = _merged(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
-  return out
+  def describe(self) -> list[str]:
+    """Lines for a report: where the config came from, what was overridden, what was ignored."""
+    lines = [f"config: {self.source}"]
+    lines += [f"overridden for this evaluation: {c}" for c in self.overridden]
+    lines += [f"ignored (training only): {c}" for c in self.ignored]
+    return lines
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (`<workdir>/config.json`, written at the start of training), over
-  `configs/default.py` so that a run written by an older version gets defaults for the fields it lacks."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.abspath(workdir), "config.json")
-  if not os.path.isfile(path):
-    raise MissingFileError(f"{path} not found: --workdir must be a training run's folder (training writes "
-                           "config.json there), or pass --config with the run's config.")
-  with open(path) as f:
-    saved = _tuples(json.load(f))
-  return ml_collections.ConfigDict(_merged(default.get_config().to_dict(), saved))
+  """The config a workdir trains with now (`run_config.load_effective`: `<workdir>/config.json`, or the latest
+  segment of its config_history.jsonl after an allowed change), over `configs/default.py` so that a run written by
+  an older version gets defaults for the fields it lacks.
+
+  Raises:
+    MissingFileError: the workdir has no config.json.
+  """
+  config = run_config.load_effective(workdir)
+  if config is None:
+    raise MissingFileError(f"{run_config.config_path(workdir)} not found: --workdir must be a training run's folder "
+                           "(training writes config.json there), or pass --config with the run's config.")
+  return config
 
 
-def _state_metadata(step_dir: str) -> dict:
-  """The saved train state's tree of orbax ArrayMetadata (shape, dtype) under `<step_dir>/state`."""
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)  # orbax warns that the item folder has no step metadata: expected here.
-  try:
-    with ocp.StandardCheckpointer() as reader:
-      meta = reader.metadata(os.path.join(step_dir, "state"))
-  finally:
-    logging.set_verbosity(verbosity)
-  tree = getattr(meta, "item_metadata", meta)
-  tree = getattr(tree, "tree", tree)
-  if not isinstance(tree, dict) or "params" not in tree:
-    raise CheckpointError(f"{step_dir}/state is not a train-state checkpoint of fdnm-jax (no 'params' in it).")
-  return tree
+def resolve_config(workdir: str, given: Optional[ml_collections.ConfigDict] = None) -> EvalConfig:
+  """The config to evaluate a workdir with (`--mode=eval|extract|visualize`).
+
+  Without `given`: the workdir's config (`load_config`). With `given` (a --config): the workdir's contract for
+  evaluation (`run_config.check_contract(..., "evaluate")`): a field that fixes the evaluated model or test set
+  (`run_config.blocks_evaluation`: model.*, the input size, the data set and split, ...) that differs is an error
+  naming the fields; free fields (evals.*, input.eval_batch_size, data.root, ...) are taken from `given`; the other
+  trained fields (optimiser, loss, init, ...) keep the run's values and are listed as ignored. A workdir without
+  config.json (an older run) uses `given` as it is.
+
+  Raises:
+    ConfigError: `given` differs in a field that fixes the evaluated model or test set.
+    MissingFileError: no config.json and no `given`.
+  """
+  path = run_config.config_path(workdir)
+  if given is None:
+    return EvalConfig(load_config(workdir), (), (), path)
+  contract = run_config.check_contract(workdir, given, "evaluate")
+  if contract.fresh:
+    logging.warning("%s not found: evaluating with --config as given (it cannot be checked against the run).", path)
+    return EvalConfig(given, (), (), "--config (the workdir has no config.json)")
+  overridden = tuple(c for c in contract.changes if c.role == "free" and c.new != run_config.MISSING)
+  ignored = tuple(c for c in contract.changes if c.role == "trained")
+  for c in overridden:
+    logging.info("Evaluation override of %s: %s", path, c)
+  if ignored:
+    logging.info("Ignored training-only fields of --config (evaluation uses the checkpoint): %s",
+                 ", ".join(str(c) for c in ignored))
+  return EvalConfig(contract.config, overridden, ignored, f"{path} + --config")
 
 
-def restore_variables(workdir: str, step: int, ckpt_config: ml_collections.ConfigDict,
+def expected_variables(config: ml_collections.ConfigDict, num_classes: int) -> dict:
+  """The {"params", "batch_stats"} ShapeDtypeStructs the model of `config` has with `num_classes` identities."""
+  model = fdnm_from_config(config.model, num_classes)
+  image = jax.ShapeDtypeStruct((1, config.input.height, config.input.width, 3), jnp.float32)
+  variables = jax.eval_shape(lambda v, i: model.init(jax.random.key(0), v, i, train=False), image, image)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def restore_variables(workdir: str, step: int, config: ml_collections.ConfigDict,
                       mesh: jax.sharding.Mesh) -> tuple[dict, int]:
-  """Restores the Flax variables of `<workdir>/checkpoints/<step>`, replicated over `mesh`.
-
-  The target tree is read from the checkpoint's metadata, so neither the data set nor the number of training
-  identities is needed, and the checkpoint restores onto any device count.
+  """The Flax variables of `<workdir>/checkpoints/<step>` (`checkpoints.restore_variables`: params and BN statistics,
+  replicated over `mesh`, no data set needed), checked against the model of `config` first.
 
   Returns:
     ({"params", "batch_stats"}, num_classes): num_classes = the classifier's output width.
+  Raises:
+    CheckpointError: the checkpoint cannot be read, or it does not fit the model of `config` (names the fields).
   """
-  step_dir = os.path.join(checkpoints.checkpoint_dir(workdir), str(step))
-  tree = _state_metadata(step_dir)
-  replicated = sharding.replicated(mesh)
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated), tree)
-  manager = checkpoints.make_manager(workdir, ckpt_config, read_only=True)
+  step_folder = checkpoints.step_path(workdir, step)
+  expected = lambda n: expected_variables(config, n)  # noqa: E731
   try:
-    state, _ = checkpoints.restore(manager, abstract, step)
-  finally:
-    manager.close()
-  num_classes = int(tree["params"]["classifier"]["kernel"].shape[-1])
-  return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, num_classes
+    return checkpoints.restore_variables(
+        step_folder, mesh, expected=expected, fields=_fields_of(step_folder, config),
+        fix="Evaluate with the config the checkpoint was trained with (its workdir's config.json, or --config).")
+  except checkpoints.UnreadableCheckpointError as e:
+    earlier = [s for s in checkpoints.committed_steps(workdir) if s < step]
+    raise CheckpointError(f"{e}. Pass --checkpoint=<another step>{f' (e.g. {earlier[-1]})' if earlier else ''}; a "
+                          "training run on this workdir moves it aside and resumes from the previous one.") from e
+
+
+def _fields_of(step_folder: str, config: ml_collections.ConfigDict) -> str:
+  """What the checkpoint's params say about its model fields, against the model of `config` (for error messages);
+  "" when that cannot be told."""
+  try:
+    tree = checkpoints.state_metadata(step_folder)
+    n = checkpoints.classifier_width(tree)
+    return checkpoints.model_field_differences(tree["params"], expected_variables(config, n)["params"])
+  except Exception:  # pylint: disable=broad-except  (only a better message is at stake; the restore reports errors)
+    return ""
 
 
 def load_model(workdir: str, checkpoint: Optional[str] = None, config: Optional[ml_collections.ConfigDict] = None,
                mesh: Optional[jax.sharding.Mesh] = None) -> tuple[ml_collections.ConfigDict, Any, dict]:
-  """Loads a trained model: (config, model, variables).
+  """Loads a trained model: (config, model, variables), the one restore path of eval, extract and visualize.
 
   Args:
     workdir: a training run's folder.
-    checkpoint: None (latest), a step number, or a folder `<workdir>/checkpoints/<step>`
-      (`eval_mode.resolve_checkpoint`).
-    config: the run's config; None = `<workdir>/config.json`.
+    checkpoint: None (latest), a step number, or a folder `<workdir>/checkpoints/<step>` (`checkpoints.resolve`).
+    config: the config to build the model with (already resolved, `resolve_config`); None = `<workdir>/config.json`.
     mesh: the device mesh (default: `config.mesh` over all devices).
   Raises:
-    FileNotFoundError: no config.json, no checkpoint, or the requested one does not exist.
+    MissingFileError: no config.json, no checkpoint, or the requested one does not exist.
+    CheckpointError: the checkpoint cannot be read or does not fit the config's model.
   """
-  from fdnm_jax.evaluation import eval_mode  # pylint: disable=g-import-not-at-top  (eval_mode imports this module)
   workdir = os.path.abspath(workdir)
   config = load_config(workdir) if config is None else config
-  ckpt_workdir, step = eval_mode.resolve_checkpoint(workdir, checkpoint)
+  ckpt_workdir, step = checkpoints.resolve(workdir, checkpoint)
   if step is None:
     raise MissingFileError(f"no checkpoint under {checkpoints.checkpoint_dir(workdir)}: train first (python "
                            "main.py --mode=train with this --workdir) or pass --checkpoint=<step folder>.")
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-  variables, num_classes = restore_variables(ckpt_workdir, step, config.checkpoint, mesh)
-  logging.info("Loaded %s step %d (%d training identities)", checkpoints.checkpoint_dir(ckpt_workdir), step,
-               num_classes)
-  model = fdnm_from_config(config.model, num_classes)
+  model, variables = restore_model(ckpt_workdir, step, config, mesh)
   model, variables, _ = precise_bn.for_evaluation(model, variables, config, mesh, ckpt_workdir, step)  # as evaluated.
   return config, model, variables
+
+
+def restore_model(workdir: str, step: int, config: ml_collections.ConfigDict,
+                  mesh: jax.sharding.Mesh) -> tuple[Any, dict]:
+  """The model of `config` and the variables of `<workdir>/checkpoints/<step>` as trained (`restore_variables`;
+  no BatchNorm recalibration: `precise_bn.for_evaluation` does that)."""
+  variables, num_classes = restore_variables(workdir, step, config, mesh)
+  logging.info("Loaded %s step %d (%d training identities)", checkpoints.checkpoint_dir(workdir), step, num_classes)
+  return fdnm_from_config(config.model, num_classes), variables
+
+
+def init_variables(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[Any, dict]:
+  """An untrained model of `config` and its random variables (seed config.seed), replicated over `mesh`: what
+  `--allow_untrained` evaluates. The classifier has one output (it plays no part in the embedding)."""
+  model = fdnm_from_config(config.model, 1)
+  image = jnp.zeros((1, config.input.height, config.input.width, 3), jnp.float32)
+  init = jax.jit(lambda: model.init(jax.random.key(config.seed), image, image, train=False),
+                 out_shardings=sharding.replicated(mesh))
+  variables = init()
+  return model, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
 def embed_set(embed_fn: Any, variables: Any, image_set: ImageSet, config: ml_collections.ConfigDict,
@@ -236,13 +293,15 @@ def extract(workdir: str, images: str, modality: str, out: str, checkpoint: Opti
   Args:
     workdir: a training run's folder; checkpoint: None (latest), a step, or a step folder.
     images: a folder (recursive) or a text list of image paths; modality: "visible" | "infrared".
-    out: output folder (created); config: None = `<workdir>/config.json`.
+    out: output folder (created); config: a --config (`resolve_config`: compared with `<workdir>/config.json`,
+      only evaluation fields may differ); None = `<workdir>/config.json`.
   Returns:
     {"features": path, "index": path, "num_images": N, "dim": E}.
   """
   if modality not in MODALITY_IDS:
     raise FlagError(f"--modality={modality!r}: use visible or infrared.")
   paths = list_images(images)
+  config = resolve_config(workdir, config).config
   config, model, variables = load_model(workdir, checkpoint, config)
   mesh = sharding.make_mesh(config.mesh)
   features = embed_paths(model, variables, paths, modality, config, mesh)

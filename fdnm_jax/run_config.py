@@ -128,7 +128,7 @@ class FieldChange:
     return f"{self.key}: {json.dumps(self.old)} -> {json.dumps(self.new)}"
 
 
-_MISSING = "<absent>"
+MISSING = "<absent>"  # the value `diff` gives a field that one config lacks.
 
 
 def _comparable(key: str, value: Any) -> Any:
@@ -144,9 +144,9 @@ def diff(old: Any, new: Any) -> list[FieldChange]:
   A field present in only one of them counts as a difference (its other value is "<absent>").
   """
   a, b = flatten(old), flatten(new)
-  return [FieldChange(k, a.get(k, _MISSING), b.get(k, _MISSING), field_role(k))
+  return [FieldChange(k, a.get(k, MISSING), b.get(k, MISSING), field_role(k))
           for k in sorted(set(a) | set(b))
-          if _comparable(k, a.get(k, _MISSING)) != _comparable(k, b.get(k, _MISSING))]
+          if _comparable(k, a.get(k, MISSING)) != _comparable(k, b.get(k, MISSING))]
 
 
 def _tuples(obj: Any) -> Any:
@@ -384,8 +384,8 @@ def check_contract(workdir: str, config: ml_collections.ConfigDict, purpose: str
     that do not block evaluation (optim.*, loss.*, model.pretrained, ...) keep the run's values, so a report
     describes the run that was trained.
   Raises:
-    WorkdirError: differing fields that the purpose does not allow; the message lists every one (old -> new) and
-      the ways to proceed.
+    WorkdirError ("resume") / ConfigError ("evaluate"): differing fields that the purpose does not allow; the
+      message lists every one (old -> new) and the ways to proceed.
   """
   if purpose not in ("resume", "evaluate"):
     raise ValueError(f"purpose={purpose!r}: use 'resume' or 'evaluate'")
@@ -397,11 +397,12 @@ def check_contract(workdir: str, config: ml_collections.ConfigDict, purpose: str
   if purpose == "evaluate":
     blocking = [c for c in changes if c.blocks_evaluation]
     if blocking:
-      raise WorkdirError(
-          f"the given config differs from the run's ({where}) in {len(blocking)} field(s) that define the model or "
-          f"its test data: {'; '.join(str(c) for c in blocking)}. Evaluate with the run's own config (leave out "
-          "--config, or drop those overrides); evaluation fields (evals.*, input.eval_batch_size, data.root, "
-          "data.data_dir, mesh.*) may differ.")
+      raise ConfigError(
+          f"--config differs from the run's {where} in {len(blocking)} field(s) that fix the evaluated model or "
+          "test set: " + "; ".join(f"{c.key} (trained: {json.dumps(c.old)}, --config: {json.dumps(c.new)})"
+                                   for c in blocking)
+          + ". Drop --config to evaluate with the run's own config, or pass a --config that differs only in "
+          "evaluation fields (evals.*, input.eval_batch_size, data.root, data.data_dir, mesh.*).")
     return Contract(fresh=False, stored=stored, changes=changes, accepted=(),
                     config=_overlay(stored, config, lambda k: field_role(k) == "free"))
   trained = tuple(c for c in changes if c.role == "trained")

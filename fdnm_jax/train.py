@@ -28,8 +28,8 @@ from jax.experimental import multihost_utils
 from etils import epath
 
 from fdnm_jax import checkpoints, distributed, losses, optim, precise_bn, pretrained, run_config, sharding
-from fdnm_jax.errors import NonFiniteLossError, WorkdirError
-from fdnm_jax.evaluation import evaluator
+from fdnm_jax.errors import ConfigError, NonFiniteLossError, WorkdirError
+from fdnm_jax.evaluation import evaluator, face
 from fdnm_jax.models.fdnm import fdnm_from_config
 from input_pipeline import pipeline, sources
 from input_pipeline.sampling import CrossModalitySampler
@@ -347,28 +347,146 @@ def count_params(params: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def _run_eval(model, state, source, config, mesh, workdir, step, log: MetricsLog,
-              train_step_seconds: Optional[float] = None) -> dict:
-  model, variables, recalibration = precise_bn.for_evaluation(model, variables_of(state), config, mesh, workdir, step,
-                                                              source)
-  results, health = evaluator.evaluate_with_health(model, variables, source, config, mesh,
-                                                   state.batch_stats if recalibration else None)
+def _run_eval(model, variables, source, config, mesh, workdir, step, log: Optional[MetricsLog],
+              train_step_seconds: Optional[float] = None, write: bool = True) -> dict:
+  """Scores `variables` on every protocol setting of `source` and returns the report; logs the scalars under
+  `<split>/...` at `step` (unless `log` is None) and writes `results/<name>[_<split>].json` (unless not `write`).
+  With config.evals.recalibrate_bn_batches, the BatchNorm statistics are re-estimated first (`precise_bn`)."""
+  model, eval_variables, recalibration = precise_bn.for_evaluation(model, variables, config, mesh, workdir, step,
+                                                                   source)
+  results, health = evaluator.evaluate_with_health(model, eval_variables, source, config, mesh,
+                                                   variables["batch_stats"] if recalibration else None)
   scalars = {f"{source.split}/{d}/{k}": v for d, r in results.items() for k, v in r.items() if not isinstance(v, list)}
-  log.write(step, {k: float(v) for k, v in scalars.items()})
+  if log is not None:
+    log.write(step, {k: float(v) for k, v in scalars.items()})
   report = {"name": config.name, "dataset": config.dataset, "protocol": source.protocol, "step": step,
             "init": pretrained.init_label(config.model), "checkpoint_dir": checkpoints.checkpoint_dir(workdir),
             "settings": results,
-            "num_params": count_params(state.params), "train_step_seconds": train_step_seconds,
+            "num_params": count_params(variables["params"]), "train_step_seconds": train_step_seconds,
             "eval_split": source.split, "model_selection_split": sources.model_selection_split(source, config),
             "gallery_sampling": {s.name: s.family for s in evaluator.protocols.settings_for(source, config)},
             "embedding": config.evals.embedding, "test_flip": bool(config.evals.test_flip),
             "precise_bn": recalibration, "health": health}
+  if write:
+    _write_report(workdir, config, source.split, report)
+  logging.info("Evaluation at step %d (%s):\n%s", step, source.name, evaluator.format_table(results))
+  return report
+
+
+def _write_report(workdir: str, config: ml_collections.ConfigDict, split: str, report: dict) -> None:
   if jax.process_index() == 0:
     results_dir = epath.Path(workdir) / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
-    write_json(str(results_dir / f"{config.name}{'' if source.split == 'test' else '_' + source.split}.json"), report)
-  logging.info("Evaluation at step %d (%s):\n%s", step, source.name, evaluator.format_table(results))
+    write_json(str(results_dir / f"{config.name}{'' if split == 'test' else '_' + split}.json"), report)
+
+
+# Model selection: which periodic evaluations pick the checkpoint the final report scores beside the last one.
+
+RANKING_METRICS = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20")  # config.evals.select_metric choices.
+
+
+def selection_of(source: sources.DataSource, config: ml_collections.ConfigDict) -> Optional[checkpoints.Selection]:
+  """The model selection of a run (`sources.selection_split`), or None when it selects nothing.
+
+  Raises:
+    ConfigError: config.evals.select_metric is not a metric of the selection split's protocol.
+  """
+  split = sources.selection_split(source, config)
+  if split is None:
+    return None
+  metric = config.evals.get("select_metric", "mAP")
+  protocol = sources.selection_source(source, config).protocol
+  allowed = face.METRICS if protocol == "face" else RANKING_METRICS
+  if metric not in allowed:
+    raise ConfigError(f"config.evals.select_metric={metric!r}: the {split} evaluations ({protocol} protocol) report "
+                      f"{', '.join(allowed)}; pick one of those.")
+  return checkpoints.Selection(split, metric)
+
+
+def selection_score(results: dict, selection: checkpoints.Selection) -> float:
+  """The score a selection evaluation gives a checkpoint: the mean of `selection.metric` over its settings."""
+  return float(np.mean([r[selection.metric] for r in results.values()]))
+
+
+def _selected_label(selection: checkpoints.Selection) -> str:
+  if selection.split == "test":
+    return "best on test (selected on the test set: not a held-out result)"
+  return f"best on {selection.split}"
+
+
+def _final_report(run: "Run", state: TrainState, config, mesh, workdir, log: MetricsLog,
+                  ckpts: checkpoints.TrainCheckpoints, selection: Optional[checkpoints.Selection],
+                  step_seconds: Optional[float]) -> dict:
+  """Scores the last state and, under model selection, the best-scored checkpoint on the test protocols.
+
+  The report (results/<name>.json) keeps the last model's numbers at the top ("step", "settings") and adds
+  "models": [{"label": "last", ...}, {"label": "best on validation", "step", "selected_on", "selection_metric",
+  "selection_score", "settings"}] and "model_selection" (the split, the metric, the scores of the kept
+  checkpoints, or why nothing was selected).
+  """
+  total = run.total_steps
+  report = _run_eval(run.model, variables_of(state), run.source, config, mesh, workdir, total, log, step_seconds,
+                     write=False)
+  models = [{"label": "last", "step": total, "selected_on": None, "settings": report["settings"]}]
+  if selection is None:
+    report["model_selection"] = {"split": None, "reason": _no_selection_reason(config)}
+  else:
+    best = ckpts.best()
+    report["model_selection"] = {"split": selection.split, "metric": selection.metric,
+                                 "every_steps": int(config.evals.every_steps),
+                                 "kept_scores": {str(s): v for s, v in sorted(ckpts.scores().items())},
+                                 "best_step": None if best is None else best[0],
+                                 "best_score": None if best is None else best[1]}
+    if best is not None:
+      step, score = best
+      settings = report["settings"]
+      if step != total:
+        variables, _ = checkpoints.restore_variables(
+            checkpoints.step_path(workdir, step), mesh, expected=lambda n: variables_of(run.abstract_state),
+            fix="The kept best checkpoint does not fit the run that wrote it: report this as a bug.")
+        settings = _run_eval(run.model, variables, run.source, config, mesh, workdir, step, None,
+                             write=False)["settings"]
+      models.append({"label": _selected_label(selection), "step": step, "selected_on": selection.split,
+                     "selection_metric": selection.metric, "selection_score": score, "settings": settings})
+  report["models"] = models
+  if ckpts.retrained:
+    report["resume_fallback"] = ckpts.retrained
+  _write_report(workdir, config, "test", report)
   return report
+
+
+def _no_selection_reason(config: ml_collections.ConfigDict) -> str:
+  if not config.evals.get("every_steps", 0):
+    return "no periodic evaluations (config.evals.every_steps = 0): the last step is reported"
+  return ("no validation split (config.data.num_val_ids = 0) and config.evals.select_on_test is off: the periodic "
+          "evaluations are only logged, the last step is reported")
+
+
+def format_final_report(report: dict) -> str:
+  """The printed summary of a training run: one table per reported model (last; best on the selection split),
+  each labelled with its step and the split that selected it."""
+  lines = [f"{report['name']} ({report['dataset']}, step {report['step']}, {report.get('init', 'init unknown')}): "
+           f"{report.get('eval_split', 'test')} protocols"]
+  for m in report.get("models") or [{"label": "last", "step": report["step"], "settings": report["settings"]}]:
+    how = "" if not m.get("selected_on") else (
+        f", selected by {m['selected_on']} {m['selection_metric']} = {m['selection_score']:.2f}")
+    lines += ["", f"{m['label']} (step {m['step']}{how}):", evaluator.format_table(m["settings"])]
+  selection = report.get("model_selection") or {}
+  if selection.get("split") is None and selection.get("reason"):
+    lines += ["", f"model selection: none ({selection['reason']})."]
+  return "\n".join(lines)
+
+
+def _mismatch_fields(tree: dict, target_params: Any, workdir: str, config: ml_collections.ConfigDict) -> str:
+  """The config fields behind a checkpoint that does not fit: those its params reveal, and the model fields the
+  workdir's config.json records otherwise."""
+  parts = [checkpoints.model_field_differences(tree.get("params", {}), target_params)]
+  stored = run_config.load_effective(workdir)
+  if stored is not None:
+    changed = [str(c) for c in run_config.diff(stored, config) if c.role == "trained" and c.key.startswith("model.")]
+    if changed:
+      parts.append("config.json -> this config: " + ", ".join(changed))
+  return "; ".join(p for p in parts if p)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict:
@@ -413,15 +531,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_co
       logging.warning("%s has checkpoints but no config.json: writing this command's config as the run's.", workdir)
     run_config.write_stored(workdir, config)
 
-  manager = checkpoints.make_manager(workdir, config.checkpoint)
+  selection = selection_of(source, config)
+  ckpts = checkpoints.TrainCheckpoints(workdir, config.checkpoint, selection)
   log = MetricsLog(workdir)
   watch = PreemptionWatch()
   try:
-    if manager.latest_step() is not None:
-      state, start_step = checkpoints.restore(manager, run.abstract_state)
-      logging.info("Resumed from the checkpoint at step %d", start_step)
+    state, start_step = ckpts.restore_latest(
+        run.abstract_state, lambda tree: _mismatch_fields(tree, run.abstract_state.params, workdir, config),
+        fix="Resume with the config this workdir was trained with (its config.json), or train this config in a new "
+            "--workdir.")
+    if state is None:
+      state = run.init_state()
     else:
-      state, start_step = run.init_state(), 0
+      logging.info("Resumed from the checkpoint at step %d", start_step)
     log.resume(start_step, will_train=start_step < run.total_steps)
     if contract.accepted and jax.process_index() == 0:
       run_config.record_segment(workdir, contract, start_step)
@@ -429,21 +551,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, allow_co
                       run_config.history_path(workdir), "; ".join(str(c) for c in contract.accepted))
     step_seconds = None
     if start_step < run.total_steps:
-      state, step_seconds = _train_loop(config, workdir, mesh, run, state, start_step, manager, log, watch)
+      state, step_seconds = _train_loop(config, workdir, mesh, run, state, start_step, ckpts, selection, log, watch)
     else:
       logging.info("The checkpoint is at the final step %d: nothing to train.", start_step)
-    return _run_eval(run.model, state, source, config, mesh, workdir, run.total_steps, log, step_seconds)
+    return _final_report(run, state, config, mesh, workdir, log, ckpts, selection, step_seconds)
   finally:
     watch.close()
-    manager.wait_until_finished()
-    manager.close()
-    log.close()
+    try:
+      ckpts.wait()
+    finally:
+      ckpts.close()
+      log.close()
 
 
-def _train_loop(config, workdir, mesh, run: Run, state, start_step, manager, log,
-                watch: PreemptionWatch) -> tuple[TrainState, Optional[float]]:
+def _train_loop(config, workdir, mesh, run: Run, state, start_step, ckpts: checkpoints.TrainCheckpoints,
+                selection: Optional[checkpoints.Selection], log, watch: PreemptionWatch
+                ) -> tuple[TrainState, Optional[float]]:
   """Runs steps start_step..total_steps-1; returns the state and the median seconds per step after the
-  first logging window (which holds the compilation), or None when there was no second window."""
+  first logging window (which holds the compilation), or None when there was no second window.
+
+  Checkpoints: every config.checkpoint.every_steps and at the end. Under model selection (`selection`), every
+  periodic evaluation and the last step score the selection split first and save a checkpoint with that score
+  (orbax keeps the best beside the latest); without it, periodic evaluations are only logged.
+  """
   source, model, total_steps = run.source, run.model, run.total_steps
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = jax.jit(make_train_step(model, run.tx, config.loss), in_shardings=(run.state_sharding, batch_sharding),
@@ -492,16 +622,26 @@ def _train_loop(config, workdir, mesh, run: Run, state, start_step, manager, log
       window, window_start = [], time.perf_counter()
     report(done)
     save_now = done == total_steps or (config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0)
-    if save_now:  # a boundary: the metrics were checked finite above, so the state is safe to save.
-      checkpoints.save(manager, done, state, force=True)
-    if config.evals.every_steps and done % config.evals.every_steps == 0 and done != total_steps:
+    eval_now = bool(config.evals.every_steps) and done % config.evals.every_steps == 0
+    if selection is not None and (eval_now or done == total_steps):  # score first: the save stores the score.
       with report.timed("eval"):
-        _run_eval(model, state, sources.selection_source(source, config), config, mesh, workdir, done, log)
-    if watch.reached(done, manager) and done != total_steps:
+        result = _run_eval(model, variables_of(state), sources.selection_source(source, config), config, mesh,
+                           workdir, done, log)
+      score = selection_score(result["settings"], selection)
+      log.write(done, {f"selection/{selection.split}_{selection.metric}": score})
+      ckpts.save(done, state, score=score)  # a boundary: the losses were checked finite above.
+    else:
+      if save_now:  # a boundary: the metrics were checked finite above, so the state is safe to save.
+        ckpts.save(done, state)
+      if eval_now and done != total_steps:
+        with report.timed("eval"):
+          _run_eval(model, variables_of(state), sources.selection_source(source, config), config, mesh, workdir,
+                    done, log)
+    if watch.reached(done, ckpts.manager) and done != total_steps:
       if pending is not None:  # the state is saved only after its step's losses were checked finite.
         fetch(pending)
-      if manager.latest_step() != done:
-        checkpoints.save(manager, done, state, force=True)
-      manager.wait_until_finished()
-      raise Preempted(done, f"{checkpoints.checkpoint_dir(workdir)}/{done}")
+      if ckpts.latest_step() != done:
+        ckpts.save(done, state)
+      ckpts.wait()
+      raise Preempted(done, checkpoints.step_path(workdir, done))
   return state, (float(np.median(window_times[1:])) if len(window_times) > 1 else None)

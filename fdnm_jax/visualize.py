@@ -132,8 +132,8 @@ def visualize(workdir: str, config: Optional[ml_collections.ConfigDict] = None, 
   """Writes the rank lists, distance histograms and t-SNE scatters of `workdir` into `<workdir>/visualize/`.
 
   Args:
-    workdir: a trained run's folder; config: its config (None = `<workdir>/config.json`); checkpoint: None
-      (latest), a step or a step folder.
+    workdir: a trained run's folder; config: None = `<workdir>/config.json`, or a --config that may differ from it
+      in evaluation fields only (`inference.resolve_config`); checkpoint: None (latest), a step or a step folder.
     queries: `parse_queries` spec, applied to each direction's query list.
     compare_workdir: a second run (e.g. the baseline ablation) whose histograms go beside this run's; it is
       embedded on this run's data source with its own config.json and latest (or compare_checkpoint) checkpoint.
@@ -142,9 +142,9 @@ def visualize(workdir: str, config: Optional[ml_collections.ConfigDict] = None, 
     {"queries": rank-list rows, "distances": {run: summary}, "tsne": {...}}}} (also in summary.json).
   """
   workdir = os.path.abspath(workdir)
-  config = inference.load_config(workdir) if config is None else config
+  config = inference.resolve_config(workdir, config).config
   vis = visualize_config(config)
-  source = sources.load_source(config, workdir)
+  source = sources.load_test_source(config, workdir)
   runs = [(os.path.basename(workdir), *_embed_run(workdir, checkpoint, config, source))]
   if compare_workdir:
     compare_workdir = os.path.abspath(compare_workdir)

@@ -14,6 +14,7 @@ config.data.data_dir (prepare's --data_dir or the version folder `python -m inpu
 or gs://) wins over root: the same ImageSets (labels, cameras, modality, paths relative to the download), decoded
 from the stored bytes.
 config.data.num_val_ids > 0 holds out the last N training identities as `DataSource.validation`.
+`load_test_source` reads the test sets alone (evaluation: a copy of a data set without its training part works).
 """
 
 import dataclasses
@@ -27,7 +28,7 @@ import numpy as np
 from fdnm_jax.errors import ConfigError, DataError
 from input_pipeline import image_check
 from input_pipeline.datasets import casia_builder, llcm, regdb, synthetic, sysu, tfds_builders
-from input_pipeline.datasets.image_set import ImageSet
+from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
 
 KNOWN_DATASETS = ("synthetic", "regdb", "sysu", "llcm", "casia_nir_vis")
 _log = logging.getLogger(__name__)
@@ -61,21 +62,31 @@ INFRARED_TO_VISIBLE = BOTH_DIRECTIONS[1:]
 NIR_TO_VIS = (EvalDirection("nir_to_vis", "probe", "gallery"),)  # face: test sets probe_<fold>, gallery_<fold>.
 
 
+ALL_PARTS = ("train", "test")
+TEST_PART = ("test",)
+
+
+def _empty(modality: int) -> ImageSet:
+  return ImageSet((), (), (), modality)
+
+
 def _source(name: str, protocol: str, sets: dict, infrared: str, directions: tuple) -> DataSource:
-  """A DataSource from a reader's sets (keys train_/test_ + "visible" or `infrared`, the reader's IR name)."""
+  """A DataSource from a reader's sets (keys train_/test_ + "visible" or `infrared`, the reader's IR name); train
+  sets a test-only read left out are empty."""
   return DataSource(
       name=name, protocol=protocol,
-      train_visible=sets["train_visible"], train_infrared=sets[f"train_{infrared}"],
+      train_visible=sets.get("train_visible", _empty(VISIBLE)),
+      train_infrared=sets.get(f"train_{infrared}", _empty(INFRARED)),
       test_sets={"visible": sets["test_visible"], "infrared": sets[f"test_{infrared}"]},
       directions=directions)
 
 
-def _regdb_like(name: str, root: str, trial: int) -> DataSource:
-  return _source(name, "regdb", regdb.read_regdb(root, trial), "thermal", BOTH_DIRECTIONS)
+def _regdb_like(name: str, root: str, trial: int, parts: tuple = ALL_PARTS) -> DataSource:
+  return _source(name, "regdb", regdb.read_regdb(root, trial, parts), "thermal", BOTH_DIRECTIONS)
 
 
-def _sysu_source(root: str) -> DataSource:
-  source = _source("sysu", "sysu", sysu.read_sysu(root), "infrared", INFRARED_TO_VISIBLE)
+def _sysu_source(root: str, parts: tuple = ALL_PARTS) -> DataSource:
+  source = _source("sysu", "sysu", sysu.read_sysu(root, parts), "infrared", INFRARED_TO_VISIBLE)
   if sysu.has_rand_perm(root):
     source = dataclasses.replace(source, extras={"rand_perm_cam": sysu.read_rand_perm(root)})
   return source
@@ -93,14 +104,16 @@ PREPARED = {
 }
 
 
-def _prepared_source(config: ml_collections.ConfigDict) -> DataSource:
+def _prepared_source(config: ml_collections.ConfigDict, parts: tuple = ALL_PARTS) -> DataSource:
   """The DataSource of the prepared folder config.data.data_dir (see the module docstring)."""
   data_dir = config.data.data_dir
   builder = {entry[0]: key for key, entry in PREPARED.items()}.get(config.dataset)
   if builder is not None:  # data_dir may also be prepare's --data_dir: find the data set's folder in it.
     data_dir = tfds_builders.find_prepared(data_dir, builder,
                                            f"split_{int(config.data.trial)}" if builder == "regdb" else None)
-  prepared = tfds_builders.read_prepared(data_dir)
+  wanted = None if parts == ALL_PARTS or builder is None else sorted(  # the splits to read (a test-only read).
+      {split for key, (split, _) in PREPARED[builder][2].items() if key.split("_")[0] in parts})
+  prepared = tfds_builders.read_prepared(data_dir, wanted)
   if prepared.name not in PREPARED:
     raise ConfigError(f"config.data.data_dir={config.data.data_dir} holds data set {prepared.name!r}, which has no "
                       f"registry entry: use one of {sorted(PREPARED)}.")
@@ -112,7 +125,7 @@ def _prepared_source(config: ml_collections.ConfigDict) -> DataSource:
   if name == "regdb" and split is not None and int(split) != int(config.data.trial):
     raise ConfigError(f"config.data.data_dir={config.data.data_dir} is RegDB split {split} but config.data.trial is "
                       f"{config.data.trial}: pass --config.data.trial={split} or the split_{config.data.trial} folder.")
-  sets = {key: prepared.image_set(*where) for key, where in keys.items()}
+  sets = {key: prepared.image_set(*where) for key, where in keys.items() if key.split("_")[0] in parts}
   extras = {"rand_perm_cam": prepared.metadata["rand_perm_cam"]} if prepared.metadata.get("rand_perm_cam") else {}
   return dataclasses.replace(_source(name, protocol, sets, "infrared", directions), extras=extras)
 
@@ -143,14 +156,14 @@ def hold_out_validation(source: DataSource, num_val_ids: int) -> DataSource:
                              validation=validation)
 
 
-def _casia_source(config: ml_collections.ConfigDict) -> DataSource:
-  train_visible, train_infrared, test_sets = casia_builder.source_sets(config)
+def _casia_source(config: ml_collections.ConfigDict, parts: tuple = ALL_PARTS) -> DataSource:
+  train_visible, train_infrared, test_sets = casia_builder.source_sets(config, test_only="train" not in parts)
   return DataSource(name="casia_nir_vis", protocol="face", train_visible=train_visible, train_infrared=train_infrared,
                     test_sets=test_sets, directions=NIR_TO_VIS)
 
 
-def _llcm_source(root: str) -> DataSource:
-  return _source("llcm", "llcm", llcm.read_llcm(root), "infrared", BOTH_DIRECTIONS)
+def _llcm_source(root: str, parts: tuple = ALL_PARTS) -> DataSource:
+  return _source("llcm", "llcm", llcm.read_llcm(root, parts), "infrared", BOTH_DIRECTIONS)
 
 
 def model_selection_split(source: DataSource, config: ml_collections.ConfigDict) -> str:
@@ -159,6 +172,18 @@ def model_selection_split(source: DataSource, config: ml_collections.ConfigDict)
   "test" (the paper's practice: no validation split)."""
   has_validation = source.validation is not None or source.split == "validation"
   return "validation" if has_validation and not config.evals.get("select_on_test", False) else "test"
+
+
+def selection_split(source: DataSource, config: ml_collections.ConfigDict) -> Optional[str]:
+  """The split whose periodic evaluations pick the best checkpoint (model selection), or None when nothing is
+  selected: "validation" with held-out ids (config.data.num_val_ids > 0); "test" only when asked
+  (config.evals.select_on_test: the paper's practice, not a held-out result); None without periodic evaluations
+  (config.evals.every_steps = 0) or with neither."""
+  if not config.evals.get("every_steps", 0):
+    return None
+  if config.evals.get("select_on_test", False):
+    return "test"
+  return "validation" if source.validation is not None or source.split == "validation" else None
 
 
 def selection_source(source: DataSource, config: ml_collections.ConfigDict) -> DataSource:
@@ -221,32 +246,43 @@ def check_images(source: DataSource, skip_corrupt: bool = False) -> DataSource:
                              test_sets={k: keep(v) for k, v in source.test_sets.items()})
 
 
-def _load(config: ml_collections.ConfigDict, workdir: str) -> DataSource:
+def load_test_source(config: ml_collections.ConfigDict, workdir: str) -> DataSource:
+  """The test sets of `config.dataset` alone, for evaluation: no training list or image is read (the train sets
+  are empty, no validation ids are held out), so a copy of the data set without its training part evaluates.
+
+  The synthetic set is generated under the workdir if it is not there yet (as training does); a prepared folder
+  (config.data.data_dir) reads only its test splits. Its images are header-checked as `load_source` does.
+  Raises: as `load_source`, for the test part's files.
+  """
+  return check_images(_load(config, workdir, TEST_PART), bool(config.data.get("skip_corrupt", False)))
+
+
+def _load(config: ml_collections.ConfigDict, workdir: str, parts: tuple = ALL_PARTS) -> DataSource:
   name = config.dataset
   if name == "casia_nir_vis":
-    return _casia_source(config)
+    return _casia_source(config, parts)
   if config.data.get("data_dir"):
-    return _prepared_source(config)
+    return _prepared_source(config, parts)
   if name == "synthetic":
     s = config.synthetic
     root = synthetic.generate(
         synthetic_root(config, workdir), num_train_ids=s.num_train_ids, num_test_ids=s.num_test_ids,
         images_per_id=s.images_per_id, num_cameras=s.num_cameras, height=s.height, width=s.width,
         seed=s.seed)
-    return _regdb_like("synthetic", root, config.data.trial)
+    return _regdb_like("synthetic", root, config.data.trial, parts)
   if name == "regdb":
     if not config.data.root:
       raise ConfigError("config.dataset='regdb' needs the downloaded RegDB folder: "
                         "pass --config.data.root=/path/to/RegDB (it holds Visible/, Thermal/, idx/).")
-    return _regdb_like("regdb", config.data.root, config.data.trial)
+    return _regdb_like("regdb", config.data.root, config.data.trial, parts)
   if name == "sysu":
     if not config.data.root:
       raise ConfigError("config.dataset='sysu' needs the downloaded SYSU-MM01 folder: "
                         "pass --config.data.root=/path/to/SYSU-MM01 (it holds cam1/ .. cam6/, exp/).")
-    return _sysu_source(config.data.root)
+    return _sysu_source(config.data.root, parts)
   if name == "llcm":
     if not config.data.root:
       raise ConfigError("config.dataset='llcm' needs the downloaded LLCM folder: "
                         "pass --config.data.root=/path/to/LLCM (it holds idx/, vis/, nir/, test_vis/, test_nir/).")
-    return _llcm_source(config.data.root)
+    return _llcm_source(config.data.root, parts)
   raise ConfigError(f"config.dataset={name!r} is unknown: use one of {', '.join(KNOWN_DATASETS)}.")

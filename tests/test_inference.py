@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from fdnm_jax import inference, sharding, train
-from fdnm_jax.evaluation import eval_mode, evaluator
+from fdnm_jax import checkpoints, inference, sharding, train
+from fdnm_jax.evaluation import evaluator
 from tests import subprocesses
 from tests.configs import tiny
 
@@ -35,13 +35,17 @@ def trained_workdir() -> str:
 
 @functools.lru_cache(maxsize=None)
 def evaluator_embeddings(eval_batch_size: int = 16) -> dict:
-  """The test-set embeddings as the evaluator computes them (the eval mode's restore, `evaluator.embed_test_sets`)."""
+  """The test-set embeddings as the training run's evaluator computes them: the whole train state restored by the
+  resume path (the training source, the optimizer's abstract state), then `evaluator.embed_test_sets`. Independent
+  of the variables-only restore that extract, eval and visualize share."""
   config = tiny.get_config()
   config.input.eval_batch_size = eval_batch_size
   workdir = trained_workdir()
   mesh = sharding.make_mesh(config.mesh)
   run = train.build_run(config, workdir, mesh)
-  state = eval_mode._restore(config, run, workdir, 4)  # pylint: disable=protected-access
+  manager = checkpoints.make_manager(workdir, config.checkpoint, read_only=True)
+  state, _ = checkpoints.restore(manager, run.abstract_state, 4)
+  manager.close()
   return run.source, evaluator.embed_test_sets(run.model, train.variables_of(state), run.source, config, mesh)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from configs import llcm, regdb, sysu
 from fdnm_jax import pretrained, run_config, train
-from fdnm_jax.evaluation import eval_mode
+from fdnm_jax import eval_mode
 from input_pipeline.datasets import synthetic
 from tests import subprocesses
 from tests.input_pipeline import test_llcm, test_sysu

@@ -196,7 +196,7 @@ def _tree_digest(folder):
 @pytest.mark.slow
 def test_recalibration_is_saved_beside_the_checkpoint_reused_and_leaves_it_byte_identical(caplog):
   from fdnm_jax import inference  # pylint: disable=g-import-not-at-top
-  from fdnm_jax.evaluation import eval_mode  # pylint: disable=g-import-not-at-top
+  from fdnm_jax import eval_mode  # pylint: disable=g-import-not-at-top
   from tests.configs import tiny  # pylint: disable=g-import-not-at-top
   from tests.test_inference import trained_workdir  # pylint: disable=g-import-not-at-top
   workdir = trained_workdir()
@@ -235,7 +235,7 @@ def test_recalibration_is_saved_beside_the_checkpoint_reused_and_leaves_it_byte_
   np.testing.assert_array_equal(np.asarray(variables["batch_stats"]["bnneck"]["var"]), saved["batch_stats/bnneck/var"])
   np.testing.assert_array_equal(np.asarray(variables["per_call_stats"]["anm"]["bn"]["mean"]),
                                 saved["per_call_stats/anm/bn/mean"])
-  checkpoint_variables, _ = inference.restore_variables(workdir, 4, config.checkpoint, sharding.make_mesh(config.mesh))
+  checkpoint_variables, _ = inference.restore_variables(workdir, 4, config, sharding.make_mesh(config.mesh))
   assert not np.allclose(saved["batch_stats/bnneck/var"],
                          np.asarray(checkpoint_variables["batch_stats"]["bnneck"]["var"]))
   _, _, again = precise_bn.for_evaluation(model.model, checkpoint_variables, config, sharding.make_mesh(config.mesh),

@@ -4,7 +4,8 @@ re-ranked rows apart from the others."""
 
 import pytest
 
-from fdnm_jax.evaluation import eval_mode, published
+from fdnm_jax import eval_mode
+from fdnm_jax.evaluation import published
 
 HEADER = "| " + " | ".join(published.COLUMNS) + " |\n|" + "---|" * len(published.COLUMNS) + "\n"
 SYSU_ALL, SYSU_INDOOR = "all_search_single_shot", "indoor_search_single_shot"

@@ -294,9 +294,10 @@ def test_evaluation_needs_the_model_fields_and_keeps_the_runs_training_fields(st
   config = tiny.get_config()
   config.model.width = 16
   config.model.spectral_transform = "dft_matmul"
-  with pytest.raises(WorkdirError) as e:
+  with pytest.raises(ConfigError) as e:
     run_config.check_contract(stored, config, purpose="evaluate")
-  assert 'model.spectral_transform: "fft" -> "dft_matmul"; model.width: 8 -> 16' in str(e.value)
+  assert ('model.spectral_transform (trained: "fft", --config: "dft_matmul"); model.width (trained: 8, --config: 16)'
+          in str(e.value))
   config = tiny.get_config()
   config.evals.test_flip = True
   config.optim.base_lr = 0.5  # not the run's: evaluation keeps the stored value

@@ -64,16 +64,17 @@ class CasiaNirVis(tfds_builders.ReIdBuilder):
         metadata=metadata)
 
 
-def read_prepared_fold(data_dir: str, fold: int) -> dict[str, ImageSet]:
+def read_prepared_fold(data_dir: str, fold: int, test_only: bool = False) -> dict[str, ImageSet]:
   """The four sets of a prepared fold folder, as `casia_nir_vis.read_casia_nir_vis` names them.
 
   Args:
     data_dir: the prepared version folder (holding dataset_info.json), e.g. <dir>/casia_nir_vis/fold_3/1.0.0.
     fold: the fold the config asks for (config.data.fold); must be the folder's.
+    test_only: read the gallery and probe splits only (no "train_visible", "train_infrared" in the result).
   Raises:
     ValueError: the folder holds another data set or another fold (names both and the fix).
   """
-  prepared = tfds_builders.read_prepared(data_dir)
+  prepared = tfds_builders.read_prepared(data_dir, ("gallery", "probe") if test_only else None)
   if prepared.name != "casia_nir_vis":
     raise ConfigError(f"config.data.data_dir={data_dir} holds data set {prepared.name!r}, not casia_nir_vis: point "
                       "it at a folder prepared by the CasiaNirVis builder.")
@@ -81,17 +82,20 @@ def read_prepared_fold(data_dir: str, fold: int) -> dict[str, ImageSet]:
   if stored is None or int(stored) != int(fold):
     raise ConfigError(f"config.data.data_dir={data_dir} is CASIA NIR-VIS 2.0 fold {stored} but config.data.fold is "
                       f"{fold}: pass --config.data.fold={stored} or the fold_{fold} folder.")
-  return {"train_visible": prepared.image_set("train", VISIBLE),
-          "train_infrared": prepared.image_set("train", INFRARED),
-          "gallery": prepared.image_set("gallery", VISIBLE), "probe": prepared.image_set("probe", INFRARED)}
+  sets = {"gallery": prepared.image_set("gallery", VISIBLE), "probe": prepared.image_set("probe", INFRARED)}
+  if not test_only:
+    sets.update(train_visible=prepared.image_set("train", VISIBLE),
+                train_infrared=prepared.image_set("train", INFRARED))
+  return sets
 
 
-def source_sets(config) -> tuple[ImageSet, ImageSet, dict[str, ImageSet]]:
+def source_sets(config, test_only: bool = False) -> tuple[ImageSet, ImageSet, dict[str, ImageSet]]:
   """The sets of a CASIA NIR-VIS 2.0 run: (train VIS, train NIR, test sets) for `input_pipeline.sources`.
 
   Training uses fold config.data.fold; the test sets are "probe_<k>" (NIR) and "gallery_<k>" (VIS) for every
   scored fold k (config.evals.face_folds, () = the trained fold), the names `fdnm_jax.evaluation.face` reads.
   From config.data.data_dir (a prepared fold folder, one fold only) or config.data.root (the download).
+  `test_only`: read no training list (the train sets come back empty).
 
   Raises:
     ValueError: a bad fold, no root/data_dir, or several folds asked of a prepared folder.
@@ -102,14 +106,14 @@ def source_sets(config) -> tuple[ImageSet, ImageSet, dict[str, ImageSet]]:
     if folds != (fold,):
       raise ConfigError(f"config.evals.face_folds={folds}: a prepared folder (config.data.data_dir) holds one fold "
                         f"({fold}); score other folds from the download (config.data.root) or leave face_folds ().")
-    by_fold = {fold: read_prepared_fold(config.data.data_dir, fold)}
+    by_fold = {fold: read_prepared_fold(config.data.data_dir, fold, test_only)}
   else:
     if not config.data.root:
       raise ConfigError("config.dataset='casia_nir_vis' needs the downloaded CASIA NIR-VIS 2.0 folder: pass "
                         "--config.data.root=/path/to/NIR-VIS-2.0 (it holds s1/ .. s4/ and protocols/), or a prepared "
                         "fold with --config.data.data_dir.")
     options = dict(modality_suffix=config.data.modality_folder_suffix, skip_missing=config.data.skip_missing_images)
-    by_fold = {fold: casia_nir_vis.read_casia_nir_vis(config.data.root, fold, **options)}
+    by_fold = {} if test_only else {fold: casia_nir_vis.read_casia_nir_vis(config.data.root, fold, **options)}
     for k in folds:
       if k not in by_fold:
         by_fold[k] = casia_nir_vis.read_fold(config.data.root, k, ("gallery", "probe"), **options)
@@ -117,4 +121,6 @@ def source_sets(config) -> tuple[ImageSet, ImageSet, dict[str, ImageSet]]:
   for k in folds:
     test_sets[f"probe_{k}"] = by_fold[k]["probe"]
     test_sets[f"gallery_{k}"] = by_fold[k]["gallery"]
+  if test_only:
+    return ImageSet((), (), (), VISIBLE), ImageSet((), (), (), INFRARED), test_sets
   return by_fold[fold]["train_visible"], by_fold[fold]["train_infrared"], test_sets

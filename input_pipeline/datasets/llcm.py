@@ -22,7 +22,7 @@ A test identity found in no camera folder is counted and reported in one logging
 import logging
 import os
 import re
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from fdnm_jax.errors import MissingFileError
 from input_pipeline.datasets import folders
@@ -53,11 +53,13 @@ def camera_of(rel_path: str) -> int:
   return int(matches[-1]) if matches else UNKNOWN_CAMERA
 
 
-def read_llcm(root: str) -> dict[str, ImageSet]:
-  """The train and test image lists of LLCM.
+def read_llcm(root: str, parts: Sequence[str] = ("train", "test")) -> dict[str, ImageSet]:
+  """The train and test image lists of LLCM (or those of `parts` only).
 
   Args:
     root: the LLCM folder (holding idx/, vis/, nir/, test_vis/, test_nir/).
+    parts: which lists to read: ("test",) needs only idx/test_id.txt, test_vis/ and test_nir/ (a copy of the data
+      set without its training part evaluates).
   Returns:
     {"train_visible", "train_infrared", "test_visible", "test_infrared"} -> ImageSet with absolute paths,
     labels (train: the list files' labels; test: the person ids), cameras (see the module docstring) and
@@ -70,7 +72,7 @@ def read_llcm(root: str) -> dict[str, ImageSet]:
   root = os.path.abspath(os.fspath(root))
   if not os.path.isdir(root):
     raise MissingFileError(f"LLCM folder {root} not found: {_LAYOUT}\nSet config.data.root to it.")
-  for rel in (*TRAIN_LISTS.values(), TEST_ID_FILE):
+  for rel in (*(TRAIN_LISTS.values() if "train" in parts else ()), TEST_ID_FILE):
     if not os.path.isfile(os.path.join(root, rel)):
       raise MissingFileError(f"LLCM list file {rel} not found under {root}: {_LAYOUT}")
   for folder, cameras in TEST_FOLDERS.values():
@@ -79,7 +81,8 @@ def read_llcm(root: str) -> dict[str, ImageSet]:
         raise MissingFileError(f"LLCM test camera folder {folder}/cam{cam}/ not found under {root}: {_LAYOUT}")
   sets = {}
   for kind, modality in (("visible", VISIBLE), ("infrared", INFRARED)):
-    sets[f"train_{kind}"] = folders.read_list_file(root, TRAIN_LISTS[kind], modality, "LLCM", _LAYOUT, camera_of)
+    if "train" in parts:
+      sets[f"train_{kind}"] = folders.read_list_file(root, TRAIN_LISTS[kind], modality, "LLCM", _LAYOUT, camera_of)
   test_ids = sorted(read_id_file(os.path.join(root, TEST_ID_FILE), "LLCM id file"))
   found = set()
   for kind, modality in (("visible", VISIBLE), ("infrared", INFRARED)):

@@ -11,6 +11,7 @@ a file whose name starts with `c<digits>_` (the synthetic set, e.g. `c3_0004.bmp
 
 import os
 import re
+from typing import Sequence
 
 import numpy as np
 
@@ -26,14 +27,16 @@ _LAYOUT = ("expected the layout Visible/<pid>/*.bmp, Thermal/<pid>/*.bmp, "
 _CAMERA_PREFIX = re.compile(r"^c(\d+)_")
 
 
-def read_regdb(root: str, trial: int) -> dict[str, ImageSet]:
-  """The four image lists of RegDB split `trial`.
+def read_regdb(root: str, trial: int, parts: Sequence[str] = ("train", "test")) -> dict[str, ImageSet]:
+  """The four image lists of RegDB split `trial` (or those of `parts` only).
 
   Args:
     root: the RegDB folder (holding Visible/, Thermal/, idx/).
     trial: the split, 1..10.
+    parts: which lists to read: ("test",) reads only the test lists (a copy of the data set without its training
+      lists evaluates).
   Returns:
-    {"train_visible", "train_thermal", "test_visible", "test_thermal"} -> ImageSet with absolute paths,
+    {"train_visible", "train_thermal", "test_visible", "test_thermal"} (of `parts`) -> ImageSet with absolute paths,
     the list files' labels, cameras (see the module docstring) and modality 0 (visible) or 1 (thermal).
   Raises:
     ValueError: `trial` outside 1..10, or a malformed list line (names the file and the line number).
@@ -48,7 +51,7 @@ def read_regdb(root: str, trial: int) -> dict[str, ImageSet]:
     if not os.path.isdir(os.path.join(root, folder)):
       raise MissingFileError(f"RegDB folder {folder}/ not found under {root}: {_LAYOUT}.")
   sets = {}
-  for part in ("train", "test"):
+  for part in parts:
     for kind, modality in (("visible", VISIBLE), ("thermal", INFRARED)):
       rel = f"idx/{part}_{kind}_{trial}.txt"
       if not os.path.isfile(os.path.join(root, rel)):

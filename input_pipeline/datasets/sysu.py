@@ -38,11 +38,13 @@ _LAYOUT = """expected the SYSU-MM01 layout (FDNM_SPEC.md §5; the data set as do
 _log = logging.getLogger(__name__)
 
 
-def read_sysu(root: str) -> dict[str, ImageSet]:
-  """The train and test image lists of SYSU-MM01.
+def read_sysu(root: str, parts: Sequence[str] = ("train", "test")) -> dict[str, ImageSet]:
+  """The train and test image lists of SYSU-MM01 (or those of `parts` only).
 
   Args:
     root: the SYSU-MM01 folder (holding cam1/ .. cam6/ and exp/).
+    parts: which lists to read: ("test",) needs only exp/test_id.txt and the test identities' folders (a copy of
+      the data set without its training part evaluates); the train/test overlap check then has nothing to check.
   Returns:
     {"train_visible", "train_infrared", "test_visible", "test_infrared"} -> ImageSet with absolute paths,
     person ids, camera numbers and modality 0 (RGB cams 1, 2, 4, 5) or 1 (IR cams 3, 6); train = the identities
@@ -54,7 +56,7 @@ def read_sysu(root: str) -> dict[str, ImageSet]:
   root = os.path.abspath(os.fspath(root))
   if not os.path.isdir(root):
     raise MissingFileError(f"SYSU-MM01 folder {root} not found: {_LAYOUT}\nSet config.data.root to it.")
-  for rel in ID_FILES["train"] + ID_FILES["test"]:
+  for rel in (rel for part in parts for rel in ID_FILES[part]):
     if not os.path.isfile(os.path.join(root, rel)):
       raise MissingFileError(f"SYSU-MM01 id file {rel} not found under {root}: {_LAYOUT}")
   for cam in RGB_CAMERAS + IR_CAMERAS:
@@ -63,15 +65,16 @@ def read_sysu(root: str) -> dict[str, ImageSet]:
     if not folders.list_subfolders(os.path.join(root, f"cam{cam}")):
       raise MissingFileError(f"SYSU-MM01 camera folder {os.path.join(root, f'cam{cam}')} is empty (no <pid:04d>/ "
                              f"identity folder): the download is incomplete; re-download or re-extract it. {_LAYOUT}")
-  ids = {}
-  for part, files in ID_FILES.items():
-    ids[part] = sorted(set(i for rel in files for i in read_id_file(os.path.join(root, rel), "SYSU-MM01 id file")))
+  ids = {"train": [], "test": []}
+  for part in parts:
+    ids[part] = sorted(set(i for rel in ID_FILES[part]
+                           for i in read_id_file(os.path.join(root, rel), "SYSU-MM01 id file")))
   both = sorted(set(ids["train"]) & set(ids["test"]))
   if both:
     raise DataError(f"SYSU-MM01 under {root}: person ids {both[:10]} are in both the training lists "
                     f"({', '.join(ID_FILES['train'])}) and {ID_FILES['test'][0]}. Fix or re-download exp/.")
-  sets, missing = {}, {}
-  for part in ("train", "test"):
+  sets, missing = {}, {"train": [], "test": []}
+  for part in parts:
     found = set()
     for kind, cameras, modality in (("visible", RGB_CAMERAS, VISIBLE), ("infrared", IR_CAMERAS, INFRARED)):
       sets[f"{part}_{kind}"] = folders.read_camera_folders(root, ids[part], cameras, modality, found)

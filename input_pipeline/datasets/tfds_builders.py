@@ -256,11 +256,13 @@ def find_prepared(data_dir: str, name: str, config: Optional[str] = None) -> str
   return os.path.join(base, max(versions)[1])
 
 
-def read_prepared(data_dir: str) -> PreparedSet:
+def read_prepared(data_dir: str, splits: Optional[Sequence[str]] = None) -> PreparedSet:
   """Reads a prepared folder (local or gs://) with `tfds.builder_from_directory` (no builder code needed).
 
   Args:
     data_dir: the folder holding dataset_info.json (e.g. <data_dir>/sysu_mm01/1.0.0 or .../regdb/split_1/1.0.0).
+    splits: read only these splits (None = all): evaluation reads the test splits alone, so a copy without the
+      training split's files evaluates.
   Returns:
     A PreparedSet: every split split by modality into ImageSets in stored order, with paths relative to the
     download folder and the images' encoded bytes (`ImageSet.encoded`).
@@ -273,8 +275,10 @@ def read_prepared(data_dir: str) -> PreparedSet:
         f"{data_dir} is not a prepared data set folder (no dataset_info.json): point config.data.data_dir at the "
         "version folder that `python -m input_pipeline.prepare` printed, e.g. <data_dir>/sysu_mm01/1.0.0.")
   builder = tfds.builder_from_directory(data_dir)
-  splits = {}
+  wanted, splits = splits, {}
   for split in builder.info.splits:
+    if wanted is not None and split not in wanted:
+      continue
     rows: dict[str, list] = {k: [] for k in ("image", "person_id", "camera_id", "modality", "path", "index")}
     for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
       for k in rows:

@@ -302,8 +302,8 @@ TINY_OVERRIDES = ("--config.input.height=32", "--config.input.width=16", "--conf
 
 
 def test_main_trains_and_evaluates_on_a_prepared_regdb_fixture(regdb_prepared, tmp_path):
-  """python main.py --config=configs/regdb.py --config.data.data_dir=<fixture>: 2 steps, a validation eval at
-  step 1 on the held-out id, the final evaluation on the test split."""
+  """python main.py --config=configs/regdb.py --config.data.data_dir=<fixture>: 2 steps, validation evals at
+  steps 1 and 2 on the held-out id, the final evaluation (last and best on validation) on the test split."""
   _, folders = regdb_prepared
   workdir = str(tmp_path / "run")
   env = subprocesses.env(devices=1)
@@ -318,7 +318,9 @@ def test_main_trains_and_evaluates_on_a_prepared_regdb_fixture(regdb_prepared, t
   with open(os.path.join(workdir, "results", "regdb_validation.json")) as f:
     periodic = json.load(f)
   assert final["eval_split"] == "test" and final["model_selection_split"] == "validation"
-  assert periodic["eval_split"] == "validation" and periodic["step"] == 1
+  # Validation evaluations at steps 1 and 2 (model selection also scores the last step): the file holds the latest.
+  assert periodic["eval_split"] == "validation" and periodic["step"] == 2
+  assert [m["label"] for m in final["models"]] == ["last", "best on validation"]
   # Test split of the fixture: 3 ids x 2 images per modality; validation: the 1 held-out id x 2 images.
   assert final["settings"]["visible_to_infrared"]["num_query"] == 6
   assert periodic["settings"]["visible_to_infrared"]["num_query"] == 2

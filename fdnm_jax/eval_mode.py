@@ -1,12 +1,18 @@
-"""`python main.py --mode=eval`: evaluate a checkpoint under every protocol setting of its data set.
+"""`python main.py --mode=eval`: evaluate a checkpoint of a workdir under every protocol setting of its data set.
 
-  python main.py --mode=eval --config=configs/sysu.py --workdir=runs/sysu --config.data.root=/data/SYSU-MM01
-  python main.py --mode=eval ... --checkpoint=5000            # a step of <workdir>/checkpoints
-  python main.py --mode=eval ... --checkpoint=/runs/x/checkpoints/5000
-  python main.py --mode=eval ... --config.evals.rerank=True   # k-reciprocal re-ranking
+  python main.py --mode=eval --workdir=runs/sysu                 # the workdir's config.json, its latest checkpoint
+  python main.py --mode=eval --workdir=runs/sysu --checkpoint=5000            # a step of <workdir>/checkpoints
+  python main.py --mode=eval --workdir=runs/sysu --checkpoint=/runs/x/checkpoints/5000
+  python main.py --mode=eval --workdir=runs/sysu --config=configs/sysu.py --config.evals.rerank=True
 
-The test sets are embedded once; the protocol settings (`protocols.settings_for`) draw their galleries from
-those embeddings. The report goes to `<workdir>/results/eval_<name>_step<step>[_rerank].json` and `.md`.
+The config is the workdir's `config.json`; a `--config` given as well may change only evaluation fields (evals.*,
+input.eval_batch_size, data.root, ...): a differing model field is an error (`inference.resolve_config`), and the
+report lists what was overridden. Only the test sets are read (`sources.load_test_source`): no training list,
+sampler or optimizer, so a copy of the data set without its training part evaluates. The checkpoint is restored
+by the one restore path of eval, extract and visualize (`inference.load_model`: params and BN statistics, from
+the checkpoint's metadata). The test sets are embedded once; the protocol settings (`protocols.settings_for`) draw
+their galleries from those embeddings. The report goes to `<workdir>/results/eval_<name>_step<step>[_rerank].json`
+and `.md`.
 """
 
 import json
@@ -16,69 +22,25 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from fdnm_jax import checkpoints, precise_bn, pretrained, sharding, train
-from fdnm_jax.errors import FlagError, MissingFileError
+from fdnm_jax import checkpoints, inference, precise_bn, pretrained, sharding, train
+from fdnm_jax.errors import MissingFileError
 from fdnm_jax.evaluation import evaluator, health, protocols, published
 from fdnm_jax.progress import Progress
+from input_pipeline import sources
 
 UNTRAINED_BANNER = "UNTRAINED MODEL: randomly initialised weights, no checkpoint was restored"
 RERANK_BANNER = "k-reciprocal re-ranking ON (k1={k1}, k2={k2}, lambda={lambda_value})"
 
 
-def _steps(ckpt_dir: str) -> list[int]:
-  """The step folders (integer names) of a checkpoint folder, ascending; [] if it does not exist."""
-  if not os.path.isdir(ckpt_dir):
-    return []
-  return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d)))
-
-
-def resolve_checkpoint(workdir: str, checkpoint: Optional[str]) -> tuple[Optional[str], Optional[int]]:
-  """Which checkpoint to evaluate: (the workdir holding it, its step), or (None, None) when there is none.
-
-  Args:
-    workdir: the run's folder (checkpoints under `<workdir>/checkpoints/<step>`).
-    checkpoint: None (the latest step of the workdir), a step number ("5000"), or a step folder
-      (".../checkpoints/5000").
-  Raises:
-    FileNotFoundError: the requested step or folder does not exist (the message lists the steps there are).
-    ValueError: `checkpoint` is neither a step number nor a step folder.
-  """
-  if checkpoint is None:
-    steps = _steps(checkpoints.checkpoint_dir(workdir))
-    return (workdir, steps[-1]) if steps else (None, None)
-  text = str(checkpoint).strip()
-  if text.isdigit():
-    steps = _steps(checkpoints.checkpoint_dir(workdir))
-    if int(text) not in steps:
-      raise MissingFileError(f"--checkpoint={text}: no step {int(text)} under {checkpoints.checkpoint_dir(workdir)} "
-                             f"(steps there: {steps or 'none'}). Pick one of those steps or a checkpoint folder.")
-    return workdir, int(text)
-  folder = os.path.abspath(text.rstrip("/"))
-  if not os.path.isdir(folder):
-    raise MissingFileError(f"--checkpoint={text}: folder {folder} does not exist. Pass a step number of "
-                           f"{checkpoints.checkpoint_dir(workdir)} or a folder <workdir>/checkpoints/<step>.")
-  parent, step = os.path.split(folder)
-  if not step.isdigit() or os.path.basename(parent) != "checkpoints":
-    raise FlagError(f"--checkpoint={text}: expected a step number or a folder <workdir>/checkpoints/<step> "
-                    f"(as training writes them), got {folder}.")
-  return os.path.dirname(parent), int(step)
+resolve_checkpoint = checkpoints.resolve  # (workdir, checkpoint) -> (workdir holding it, step) or (None, None).
 
 
 def _no_checkpoint_error(workdir: str, checkpoint: Optional[str]) -> MissingFileError:
   return MissingFileError(
       f"no checkpoint to evaluate under {checkpoints.checkpoint_dir(workdir)}"
       f"{'' if checkpoint is None else f' (--checkpoint={checkpoint})'}: train first "
-      f"(python main.py --mode=train with the same --config and --workdir), or pass --allow_untrained to evaluate "
+      f"(python main.py --mode=train with a --config and this --workdir), or pass --allow_untrained to evaluate "
       "the randomly initialised model.")
-
-
-def _restore(config: ml_collections.ConfigDict, run: train.Run, ckpt_workdir: str, step: int) -> Any:
-  manager = checkpoints.make_manager(ckpt_workdir, config.checkpoint, read_only=True)
-  try:
-    state, _ = checkpoints.restore(manager, run.abstract_state, step)
-  finally:
-    manager.close()
-  return state
 
 
 def rerank_of(config: ml_collections.ConfigDict) -> Optional[protocols.Rerank]:
@@ -117,7 +79,9 @@ def format_summary(report: dict) -> str:
   lines += [f"**{b}**" for b in _banners(report)] + ([""] if _banners(report) else [])
   lines += [f"- checkpoint: {report['checkpoint'] or 'none (untrained)'}",
             f"- protocol: {report['protocol']}; test-time flip: {report['test_flip']}; "
-            f"re-ranking: {'on' if report['rerank']['enabled'] else 'off'}",
+            f"re-ranking: {'on' if report['rerank']['enabled'] else 'off'}"]
+  lines += [f"- {line}" for line in report.get("config_origin", [])]
+  lines += [
             "- numbers: percent; mean ± population std over the trials where a setting has several", "",
             protocols.format_protocol_table(report["settings"]), "",
             published.format_published(report["dataset"], list(report["settings"]),
@@ -163,12 +127,13 @@ def score_settings(source: Any, embeddings: dict, settings: Any, config: ml_coll
   return results
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoint: Optional[str] = None,
+def evaluate_checkpoint(config: Optional[ml_collections.ConfigDict], workdir: str, checkpoint: Optional[str] = None,
                         allow_untrained: bool = False) -> dict:
-  """Evaluates a checkpoint of `workdir` under every protocol setting of `config.dataset`; writes and prints it.
+  """Evaluates a checkpoint of `workdir` under every protocol setting of its data set; writes and prints the report.
 
   Args:
-    config: the run's config (data set, model, evals.*).
+    config: a --config, or None: the workdir's config.json (`inference.resolve_config`: a given config may differ
+      from config.json in evaluation fields only; without config.json it is used as given).
     workdir: the run's folder; the report goes to `<workdir>/results/`.
     checkpoint: None = the latest step of the workdir; a step number; or a folder `<workdir>/checkpoints/<step>`.
     allow_untrained: with no checkpoint at all, evaluate the randomly initialised model (the report says
@@ -177,30 +142,40 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
     The report: {"name", "dataset", "protocol", "step" (0 untrained), "untrained", "checkpoint" (folder or None),
     "test_flip", "rerank" {"enabled", "k1", "k2", "lambda"}, "gallery_sampling" {setting: family},
     "settings" (`protocols.run_protocols`), "published" {setting: quoted rows of docs/published_results.md},
-    "config" (dict), "files" {"json", "md"}}.
+    "config" (dict), "config_origin" (where it came from, overrides, ignored fields), "config_overrides",
+    "files" {"json", "md"}}.
   Raises:
-    FileNotFoundError: no checkpoint (and not allow_untrained), or the requested one does not exist.
+    MissingFileError: no checkpoint (and not allow_untrained), the requested one does not exist, or neither a
+      config.json nor a --config.
+    ConfigError: --config differs from config.json in a model field (or the input size, data set, split).
+    CheckpointError: the checkpoint cannot be read or does not fit the model.
   """
   workdir = os.path.abspath(workdir)
   ckpt_workdir, step = resolve_checkpoint(workdir, checkpoint)
   if step is None and not allow_untrained:
     raise _no_checkpoint_error(workdir, checkpoint)
+  resolved = inference.resolve_config(workdir, config)
+  config = resolved.config
   if jax.process_index() == 0:  # only process 0 writes the reports.
     train.ensure_writable_dir(workdir)
   mesh = sharding.make_mesh(config.mesh)
-  run = train.build_run(config, workdir, mesh)
+  source = sources.load_test_source(config, workdir)
   untrained = step is None
-  state = run.init_state() if untrained else _restore(config, run, ckpt_workdir, step)
-  model, variables, recalibration = precise_bn.for_evaluation(run.model, train.variables_of(state), config, mesh,
-                                                              ckpt_workdir, step, run.source)
-  embeddings = evaluator.embed_test_sets(model, variables, run.source, config, mesh)
-  settings = protocols.settings_for(run.source, config)
+  if untrained:
+    model, trained = inference.init_variables(config, mesh)
+  else:
+    model, trained = inference.restore_model(ckpt_workdir, step, config, mesh)
+  # Precise BN (config.evals.recalibrate_bn_batches): statistics saved beside the checkpoint are reused; computing
+  # them reads the training set.
+  model, variables, recalibration = precise_bn.for_evaluation(model, trained, config, mesh, ckpt_workdir, step)
+  embeddings = evaluator.embed_test_sets(model, variables, source, config, mesh)
+  settings = protocols.settings_for(source, config)
   rerank = rerank_of(config)
-  results = score_settings(run.source, embeddings, settings, config, rerank)
+  results = score_settings(source, embeddings, settings, config, rerank)
   report = {
-      "name": config.name, "dataset": config.dataset, "protocol": run.source.protocol,
+      "name": config.name, "dataset": config.dataset, "protocol": source.protocol,
       "step": 0 if untrained else step, "untrained": untrained, "init": pretrained.init_label(config.model),
-      "checkpoint": None if untrained else os.path.join(checkpoints.checkpoint_dir(ckpt_workdir), str(step)),
+      "checkpoint": None if untrained else checkpoints.step_path(ckpt_workdir, step),
       "test_flip": bool(config.evals.test_flip),
       "rerank": {"enabled": rerank is not None, "k1": config.evals.rerank_k1, "k2": config.evals.rerank_k2,
                  "lambda": config.evals.rerank_lambda},
@@ -208,9 +183,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
       "settings": results,
       "published": {s.name: published.rows_for(config.dataset, s.name) for s in settings},
       "config": json.loads(config.to_json_best_effort()),
+      "config_origin": resolved.describe(),
+      "config_overrides": {c.key: c.new for c in resolved.overridden},
       "embedding": config.evals.embedding, "precise_bn": recalibration,
-      "health": evaluator.health_of(model, variables, run.source, embeddings, config,
-                                    state.batch_stats if recalibration else None),
+      "health": evaluator.health_of(model, variables, source, embeddings, config,
+                                    trained["batch_stats"] if recalibration else None),
   }
   if untrained:
     report["warning"] = UNTRAINED_BANNER
