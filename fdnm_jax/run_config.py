@@ -556,6 +556,13 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evals.rerank_k1": (_int_at_least(1), "an integer >= 1"),
     "evals.rerank_k2": (_int_at_least(1), "an integer >= 1"),
     "evals.rerank_lambda": (_in_unit(), "a weight in [0, 1]"),
+    "evals.select_metric": (lambda v: v in ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20", "vr_far_1",
+                                            "vr_far_0_1"),
+                            "a metric of the selection split: mAP, mINP, rank1/5/10/20 (faces: rank1, vr_far_1, "
+                            "vr_far_0_1)"),
+    "evals.embedding": (lambda v: v in ("spec", "deen"), "spec or deen"),
+    "evals.recalibrate_bn_batches": (_int_at_least(0), "an integer >= 0 (0 = off)"),
+    "evals.health_max_mean_cosine": (_in_unit(lo_open=True), "a mean cosine in (0, 1]"),
     "checkpoint.every_steps": (_int_at_least(0), "an integer >= 0 (0 = only at the end)"),
     "checkpoint.keep": (_int_at_least(1), "an integer >= 1"),
     "logging.every_steps": (_int_at_least(1), "an integer >= 1"),
