@@ -50,6 +50,7 @@ import ml_collections
 from fdnm_jax.errors import ConfigError
 from fdnm_jax.models import frequency
 from fdnm_jax.models import resnet
+from fdnm_jax.models import spectral
 
 Dtype = Any
 
@@ -78,11 +79,6 @@ def _pool(feature_map: jax.Array) -> jax.Array:
 
 # How the center-guided loss represents the original (config.model.cnm_original).
 CNM_ORIGINALS = ("raw", "batch_standardized")
-# ANM's BatchNorm arrangement and instance-norm statistics (config.model.anm_bn / anm_inorm_stats).
-ANM_BN_MODES = ("reference", "joint", "per_branch", "none")
-ANM_INORM_STATS = ("instance", "exclude_dc")
-# How AGP and ANM treat the phase of near-zero bins (config.model.phase_guard).
-PHASE_GUARDS = ("exact", "reference", "floor", "soft")
 # The variance guard of the "batch_standardized" original: BatchNorm's epsilon, as ANM's BN.
 _STANDARDIZE_EPS = 1e-5
 
@@ -117,12 +113,13 @@ class FDNM(nn.Module):
     spectral_transform: how AGP and ANM compute their 2-D FFTs: "fft" (jnp.fft) or
       "dft_matmul" (DFT matrix products: the same transform to float32 rounding, faster on the CPU; AGP/ANM
       outputs can still differ where a bin is rounding noise, see the frequency module's docstring).
-    anm_bn: ANM's BatchNorm over its two nuance maps, one of ANM_BN_MODES (`frequency.ANM.bn_mode`):
+    anm_bn: ANM's BatchNorm over its two nuance maps, one of frequency.ANM_BN_MODES (`frequency.ANM.bn_mode`):
       "reference" (one BN called per branch), "joint" (one BN over both branches at once), "per_branch" (a BN
       per branch), "none".
-    anm_inorm_stats: ANM's instance-norm statistics, one of ANM_INORM_STATS (`frequency.ANM.inorm_stats`).
+    anm_inorm_stats: ANM's instance-norm statistics, one of frequency.ANM_INORM_STATS (`frequency.ANM.inorm_stats`).
     phase_guard, phase_floor, phase_soft_eps: how AGP and ANM treat the phase of near-zero spectrum bins, one
-      of PHASE_GUARDS with its floor / softening constant (`frequency.AGP.phase_guard`, ...).
+      of spectral.PHASE_GUARDS with its floor / softening constant (fractions of a channel's RMS amplitude;
+      `frequency.AGP.phase_guard`, ...).
     conjugate_pairs: AGP/ANM treat the Hermitian-paired bins of the real FFT as one (`frequency.AGP`).
     cnm_original: the original's representation in the center-guided loss ("cnm_original" output), one of
       CNM_ORIGINALS: "raw" (the pooled original map, the reference reading) or "batch_standardized" (the original
@@ -145,8 +142,8 @@ class FDNM(nn.Module):
   anm_bn: str = "reference"
   anm_inorm_stats: str = "instance"
   phase_guard: str = "exact"
-  phase_floor: float = 1e-6
-  phase_soft_eps: float = 1e-6
+  phase_floor: float = 1e-4
+  phase_soft_eps: float = 1e-4
   conjugate_pairs: bool = False
   cnm_original: str = "raw"
 
@@ -161,13 +158,11 @@ class FDNM(nn.Module):
       raise ConfigError("model.anm_keep_original=True needs ANM: set model.anm_stage > 0.")
     if self.num_parts < 0:
       raise ConfigError(f"model.num_parts={self.num_parts}: expected >= 0.")
-    for field, value, allowed in (("anm_bn", self.anm_bn, ANM_BN_MODES),
-                                  ("anm_inorm_stats", self.anm_inorm_stats, ANM_INORM_STATS),
-                                  ("phase_guard", self.phase_guard, PHASE_GUARDS),
-                                  ("cnm_original", self.cnm_original, CNM_ORIGINALS)):
-      if value not in allowed:
-        raise ConfigError(f"model.{field}={value!r}: expected one of {allowed}.")
+    if self.cnm_original not in CNM_ORIGINALS:
+      raise ConfigError(f"model.cnm_original={self.cnm_original!r}: expected one of {CNM_ORIGINALS}.")
     frequency.check_spectral_transform(self.spectral_transform)
+    frequency.check_anm_options(self.anm_bn, self.anm_inorm_stats)
+    spectral.check_phase_guard(self.phase_guard, self.phase_floor, self.phase_soft_eps)
 
   def _phase_options(self) -> dict[str, Any]:
     """The attributes AGP and ANM share: the FFT and the near-zero-bin phase treatment."""

@@ -73,8 +73,8 @@ def test_train_outputs(combo):
   parts = model.num_parts
   r = nb * (1 + parts)
   b = BV + BI
-  expected = {"global": (b, D), "cnm_original": (b, D), "nuances": (nn_, b, D), "features": (r, b, D), "part_features": (parts, nb, b, D),
-              "logits": (r, b, NUM_CLASSES), "embedding": (b, r * D)}
+  expected = {"global": (b, D), "cnm_original": (b, D), "nuances": (nn_, b, D), "features": (r, b, D),
+              "part_features": (parts, nb, b, D), "logits": (r, b, NUM_CLASSES), "embedding": (b, r * D)}
   assert {k: v.shape for k, v in out.items()} == expected
   for v in out.values():
     assert v.dtype == jnp.float32
