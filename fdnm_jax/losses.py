@@ -217,12 +217,13 @@ def total_loss(outputs: dict[str, jax.Array], labels: jax.Array, modality: jax.A
     (so a stripe is never compared with a global feature), and L_tri is the mean
     over groups. Without parts this is exactly the spec's single triplet.
   - L_cnm: sum over the nuance branches i of
-    `center_nuances_mining(global, nuances[i], labels, modality, cnm_margin)`.
+    `center_nuances_mining(original, nuances[i], labels, modality, cnm_margin)`, original = the model's
+    "cnm_original" output (config.model.cnm_original; "global", the raw pooled original, when absent).
   - L_ort: `orthogonality(nuances[0], nuances[1])`.
   L_cnm and L_ort are 0 without nuances.
 
   Args:
-    outputs: the dict returned by `FDNM` ("features", "logits", "global",
+    outputs: the dict returned by `FDNM` ("features", "logits", "global" or "cnm_original",
       "nuances", and "part_features" for the groups; without it all entries form one group).
     labels: [B] int identities of the batch rows.
     modality: [B] int, 0 = visible, 1 = infrared.
@@ -250,7 +251,8 @@ def total_loss(outputs: dict[str, jax.Array], labels: jax.Array, modality: jax.A
 
   nuances = outputs["nuances"]
   zero = jnp.zeros((), jnp.float32)
-  cnm = sum((center_nuances_mining(outputs["global"], nuances[i], labels, modality, loss_config.cnm_margin)
+  original = outputs.get("cnm_original", outputs["global"])
+  cnm = sum((center_nuances_mining(original, nuances[i], labels, modality, loss_config.cnm_margin)
              for i in range(nuances.shape[0])), zero)
   ortho = orthogonality(nuances[0], nuances[1]) if nuances.shape[0] >= 2 else zero
 

@@ -160,7 +160,15 @@ def _tuples(obj: Any) -> Any:
 
 # Fields added after runs were written without them, whose behaviour before was not today's default: a stored
 # config lacking one gets this value (what those runs did), not the default.
-LEGACY_VALUES = {("input", "resize"): "tf_bilinear"}  # the only resize before config.input.resize existed.
+LEGACY_VALUES = {
+    ("input", "resize"): "tf_bilinear",  # the only resize before config.input.resize existed.
+    # Before these fields existed the model was the reference reading (issue 19).
+    ("model", "anm_bn"): "reference",
+    ("model", "anm_inorm_stats"): "instance",
+    ("model", "phase_guard"): "exact",
+    ("model", "conjugate_pairs"): False,
+    ("model", "cnm_original"): "raw",
+}
 
 
 def _merged(defaults: dict, saved: dict) -> dict:
@@ -529,6 +537,13 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.num_parts": (_int_at_least(0), "an integer >= 0 (0 = global features only)"),
     "model.bn_momentum": (_in_unit(hi_open=True), "a decay in [0, 1) (0.9 = PyTorch's momentum 0.1)"),
     "model.spectral_transform": (lambda v: v in ("fft", "dft_matmul"), "fft or dft_matmul"),
+    "model.anm_bn": (lambda v: v in ("reference", "joint", "per_branch", "none"),
+                     "reference, joint, per_branch or none"),
+    "model.anm_inorm_stats": (lambda v: v in ("instance", "exclude_dc"), "instance or exclude_dc"),
+    "model.phase_guard": (lambda v: v in ("exact", "reference", "floor", "soft"), "exact, reference, floor or soft"),
+    "model.phase_floor": (lambda v: 0 <= v < 1, "a fraction of the channel's RMS amplitude in [0, 1)"),
+    "model.phase_soft_eps": (lambda v: v >= 0, "a fraction of the channel's RMS amplitude, >= 0"),
+    "model.cnm_original": (lambda v: v in ("raw", "batch_standardized"), "raw or batch_standardized"),
     "loss.id_weight": (lambda v: v >= 0, "a number >= 0"),
     "loss.label_smoothing": (_in_unit(hi_open=True), "a number in [0, 1)"),
     "loss.triplet": (lambda v: v in ("hard", "wrt"), "hard or wrt"),

@@ -106,11 +106,33 @@ def create_train_state(model: Any, tx: optax.GradientTransformation, rng: jax.Ar
                     batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
 
 
+# Diagnostics the model sows (collection "diagnostics") -> the train metric that logs their mean over modules.
+DIAGNOSTICS = {"agp_near_cut_fraction": "agp_near_cut"}
+
+
+def diagnostic_metrics(diagnostics: Any) -> dict[str, jax.Array]:
+  """Train metrics from the "diagnostics" collection of one forward pass: for each name of DIAGNOSTICS the mean
+  over every module (and every sown call) that sowed it, float32; names no module sowed are left out.
+
+  agp_near_cut: the fraction of AGP's spectrum bins whose phase sits near the -pi/pi cut (frequency.AGP), mean
+  over the AGP modules: how many bins the formula's discontinuity can flip.
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(diagnostics)) if diagnostics else {}
+  out = {}
+  for name, metric in DIAGNOSTICS.items():
+    values = [jnp.mean(jnp.asarray(v, jnp.float32)) for path, sown in flat.items() if path[-1] == name
+              for v in (sown if isinstance(sown, tuple) else (sown,))]
+    if values:
+      out[metric] = jnp.mean(jnp.stack(values))
+  return out
+
+
 def make_train_step(model: Any, tx: optax.GradientTransformation, loss_config: ml_collections.ConfigDict):
   """fn(state, batch) -> (state, metrics): one SGD step on a cross-modality batch.
 
   batch: "visible", "infrared" float32 [b, H, W, 3]; "visible_labels", "infrared_labels" int32 [b].
-  metrics: loss terms (float32 scalars) by name ("total", "id", "triplet", ...) and "grad_norm".
+  metrics: loss terms (float32 scalars) by name ("total", "id", "triplet", ...) and "grad_norm"; with AGP also
+  "agp_near_cut" (`diagnostic_metrics`).
   """
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -119,16 +141,18 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, loss_config: m
 
     def loss_fn(params):
       outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                     batch["visible"], batch["infrared"], train=True, mutable=["batch_stats"])
+                                     batch["visible"], batch["infrared"], train=True,
+                                     mutable=["batch_stats", "diagnostics"])
       total, terms = losses.total_loss(outputs, labels, modality, loss_config)
-      return total, (terms, updates["batch_stats"])
+      return total, (terms, updates["batch_stats"], updates.get("diagnostics", {}))
 
-    grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, (terms, batch_stats, diagnostics) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     metrics = {k: v.astype(jnp.float32) for k, v in terms.items()}
     metrics["grad_norm"] = optax.tree.norm(grads).astype(jnp.float32)
+    metrics.update(diagnostic_metrics(diagnostics))
     return new_state, metrics
 
   return train_step

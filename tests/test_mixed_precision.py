@@ -1,5 +1,6 @@
-"""Mixed precision (config.model.dtype=bfloat16): the train step compiles and trains on the synthetic data,
-its losses track float32 within a stated tolerance, params stay float32 and every FFT runs in float32."""
+"""Mixed precision (config.model.dtype=bfloat16) on the full FDNM of tests/configs/tiny_fdnm.py: the train step
+compiles and trains, params stay float32, every FFT runs in float32, and the one-step losses track float32
+within a tolerance derived from bfloat16's rounding."""
 
 import jax
 import jax.numpy as jnp
@@ -8,22 +9,10 @@ import pytest
 
 from fdnm_jax import sharding, train
 from input_pipeline import pipeline
-from tests.configs import tiny
-from tests.test_sharding import non_chaotic_config
+from tests.configs import tiny_fdnm
 
-STEPS = 4
+STEPS = 3
 KEYS = ("visible", "infrared", "visible_labels", "infrared_labels")
-
-
-def _config(dtype, model):
-  """"full": the tiny FDNM (AGP after stages 1, 2, ANM after stage 4, batch-hard mining); "smooth": the
-  baseline with the WRT triplet and lr 1e-3 (`tests.test_sharding.non_chaotic_config`), where a 1e-7 change
-  of the inputs stays ~1e-6 in the losses over steps, so bf16's rounding shows as it is instead of being
-  amplified by mining flips and AGP phase wraps (the full model's own float32 runs on 1 vs 8 devices already
-  differ by ~1e-2 at step 2)."""
-  config = tiny.get_config() if model == "full" else non_chaotic_config()
-  config.model.dtype = dtype
-  return config
 
 
 def _walk(jaxpr, visit):
@@ -33,36 +22,49 @@ def _walk(jaxpr, visit):
       _walk(sub, visit)
 
 
-def _run(dtype, model, workdir, steps=STEPS):
-  """(per-step metrics, final state, the step's jaxpr) of `steps` train steps of a tiny config on 1 device."""
-  config = _config(dtype, model)
-  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+def _step_fn(config, workdir, mesh):
   run = train.build_run(config, workdir, mesh)
   step_fn = train.make_train_step(run.model, run.tx, config.loss)
-  fn = jax.jit(step_fn, in_shardings=(run.state_sharding, sharding.batch_sharding(mesh)),
-               out_shardings=(run.state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  jitted = jax.jit(step_fn, in_shardings=(run.state_sharding, sharding.batch_sharding(mesh)),
+                   out_shardings=(run.state_sharding, sharding.replicated(mesh)))
+  return run, step_fn, jitted
+
+
+def _teacher_forced(workdir):
+  """STEPS float32 steps of the full tiny FDNM; at each step the bfloat16 step runs from the same float32 state on
+  the same batch (teacher forcing: its losses are one-step losses, so chaos cannot compound across steps).
+
+  Returns (float32 metrics per step, bfloat16 metrics per step, the bfloat16 step's state after step 1, its jaxpr).
+  """
+  config = tiny_fdnm.get_config()
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  run, _, f32_fn = _step_fn(config, workdir, mesh)
+  config_bf16 = tiny_fdnm.get_config()
+  config_bf16.model.dtype = "bfloat16"
+  _, bf16_step, bf16_fn = _step_fn(config_bf16, workdir, mesh)
   batches = pipeline.train_batches(run.source.train_visible, run.source.train_infrared, config.input,
                                    seed=config.seed)
-  state, history, jaxpr = run.init_state(), [], None
-  for _ in range(steps):
+  state = run.init_state()
+  f32, bf16, bf16_state, jaxpr = [], [], None, None
+  for _ in range(STEPS):
     batch = sharding.host_to_global({k: v for k, v in next(batches).items() if k in KEYS}, mesh)
     if jaxpr is None:
-      jaxpr = jax.make_jaxpr(step_fn)(state, batch)
-    state, metrics = fn(state, batch)
-    history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
-  return history, state, jaxpr
+      jaxpr = jax.make_jaxpr(bf16_step)(state, batch)
+    next_bf16, metrics_bf16 = bf16_fn(state, batch)
+    bf16_state = bf16_state or next_bf16
+    state, metrics = f32_fn(state, batch)
+    f32.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    bf16.append({k: float(v) for k, v in jax.device_get(metrics_bf16).items()})
+  return f32, bf16, bf16_state, jaxpr
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("mixed"))
-  return {("float32", "smooth"): _run("float32", "smooth", workdir),
-          ("bfloat16", "smooth"): _run("bfloat16", "smooth", workdir),
-          ("bfloat16", "full"): _run("bfloat16", "full", workdir, steps=2)}
+  return _teacher_forced(str(tmp_path_factory.mktemp("mixed")))
 
 
 def test_bfloat16_computes_convs_in_bfloat16_and_every_fft_in_float32(runs):
-  _, _, jaxpr = runs["bfloat16", "full"]
+  jaxpr = runs[3]
   fft, conv = [], []
 
   def visit(eqn):
@@ -80,30 +82,38 @@ def test_bfloat16_computes_convs_in_bfloat16_and_every_fft_in_float32(runs):
 
 
 def test_bfloat16_keeps_float32_params_bn_statistics_and_optimizer_state(runs):
-  _, state, _ = runs["bfloat16", "full"]
+  state = runs[2]
   leaves = jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
   dtypes = {str(x.dtype) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)}
   assert dtypes == {"float32"}  # (the optimizer's step counter is int32)
 
 
-def test_bfloat16_full_fdnm_compiles_and_trains(runs):
-  history, _, _ = runs["bfloat16", "full"]
-  assert len(history) == 2
-  for metrics in history:
+def test_bfloat16_full_fdnm_trains_and_logs_the_agp_diagnostic(runs):
+  for metrics in runs[1]:
     assert all(np.isfinite(v) for v in metrics.values()), metrics
     assert metrics["total"] > 0 and metrics["grad_norm"] > 0
+    assert 0.0 <= metrics["agp_near_cut"] <= 1.0  # a fraction of bins (train.diagnostic_metrics).
 
 
-# Stated tolerances (relative, every one of the 4 steps), against the measured bf16-vs-float32 gaps of the smooth
-# setting: ID loss 1% (measured <= 0.11%); total loss 10% (measured <= 8.4%); triplet 15% (measured <= 11%: the
-# WRT triplet is a difference of nearby distances between bf16-rounded features, so it loses the most digits).
-TOLERANCES = {"id": 1e-2, "total": 0.10, "triplet": 0.15}
+# bfloat16 keeps 8 significant bits: each rounding has a relative error of at most u = 2^-9. On the deepest path of
+# the (1, 1, 1, 1) network an activation is rounded to bfloat16 about 26 times in series (the stem conv and its BN,
+# then conv + BN three times per bottleneck in 4 stages, plus each block's residual sum), so the pooled features
+# carry a relative error of at most about 26 u = 5.1 % (first order, the errors adding up in the worst case). The
+# ID loss and the total are smooth in the features with a relative sensitivity <= 1 here (cross-entropy of
+# near-uniform logits; the total is a weighted sum of non-negative terms at this init), so 26 u bounds their
+# relative gap. The triplet and L_cnm are hinges of distance differences (continuous: a flipped hard-mined pair
+# changes which distance is taken, not the value by more than the distances' own error); their gap is bounded by
+# the distances' error, 26 u of the distances, taken as 26 u of max(term, 1) (the terms sit above their margins,
+# at 2-11, at these steps). Teacher forcing keeps the bound per step: no step starts from a bf16-trained state.
+# Measured (AVX-512, steps 1-3): id <= 0.22 %, total <= 0.66 %, triplet <= 2.2 %, cnm <= 0.83 %.
+FEATURE_BOUND = 26 * 2.0 ** -9
 
 
-def test_bfloat16_tracks_float32_losses(runs):
-  f32, _, _ = runs["float32", "smooth"]
-  bf16, _, _ = runs["bfloat16", "smooth"]
+def test_bfloat16_tracks_float32_one_step_losses(runs):
+  f32, bf16 = runs[0], runs[1]
   assert len(bf16) == len(f32) == STEPS
   for step, (a, b) in enumerate(zip(bf16, f32)):
-    for k, rtol in TOLERANCES.items():
-      np.testing.assert_allclose(a[k], b[k], rtol=rtol, err_msg=f"step {step + 1} {k}")
+    for k in ("id", "total"):
+      np.testing.assert_allclose(a[k], b[k], rtol=FEATURE_BOUND, err_msg=f"step {step + 1} {k}")
+    for k in ("triplet", "cnm"):
+      assert abs(a[k] - b[k]) <= FEATURE_BOUND * max(abs(b[k]), 1.0), (step + 1, k, a[k], b[k])

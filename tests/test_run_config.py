@@ -51,6 +51,12 @@ def test_the_shipped_configs_are_valid_once_given_their_data_and_init():
     ("model__dtype", "float16", "model.dtype=\"float16\": expected float32 or bfloat16"),
     ("model__spectral_transform", "dct", "model.spectral_transform=\"dct\": expected fft or dft_matmul"),
     ("model__bn_momentum", 1.0, "model.bn_momentum=1.0: expected a decay in [0, 1)"),
+    ("model__anm_bn", "shared", "model.anm_bn=\"shared\": expected reference, joint, per_branch or none"),
+    ("model__anm_inorm_stats", "dc", "model.anm_inorm_stats=\"dc\": expected instance or exclude_dc"),
+    ("model__phase_guard", "clip", "model.phase_guard=\"clip\": expected exact, reference, floor or soft"),
+    ("model__phase_floor", 1.0, "model.phase_floor=1.0: expected a fraction of the channel's RMS amplitude in [0, 1)"),
+    ("model__phase_soft_eps", -1e-6, "model.phase_soft_eps=-1e-06: expected a fraction of the channel's RMS"),
+    ("model__cnm_original", "bn", "model.cnm_original=\"bn\": expected raw or batch_standardized"),
     ("evals__embedding", "concat", "evals.embedding=\"concat\": expected spec or deen"),
     ("evals__recalibrate_bn_batches", -1, "evals.recalibrate_bn_batches=-1: expected an integer >= 0"),
     ("evals__health_max_mean_cosine", 0.0, "evals.health_max_mean_cosine=0.0: expected a mean cosine in (0, 1]"),
@@ -340,3 +346,18 @@ def test_validation_and_the_contract_import_neither_jax_nor_tensorflow(stored):
   proc = subprocess.run([sys.executable, "-c", code], cwd=subprocesses.REPO, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_config_json_written_before_the_issue_19_fields_reads_as_the_reference_reading(tmp_path):
+  """A stored model section without anm_bn, anm_inorm_stats, phase_guard, conjugate_pairs and cnm_original gets
+  the reference reading (what such runs trained), whatever today's defaults are; a stored value wins."""
+  saved = tiny.get_config().to_dict()
+  for field in ("anm_bn", "anm_inorm_stats", "phase_guard", "conjugate_pairs", "cnm_original"):
+    del saved["model"][field]
+  saved["model"]["phase_guard"] = "soft"  # written by a run that had the field.
+  with open(run_config.config_path(str(tmp_path)), "w") as f:
+    json.dump(saved, f)
+  model = run_config.load_stored(str(tmp_path)).model
+  assert (model.anm_bn, model.anm_inorm_stats, model.conjugate_pairs, model.cnm_original) == (
+      "reference", "instance", False, "raw")
+  assert model.phase_guard == "soft"

@@ -9,11 +9,21 @@ write that took 18 % of the ResNet-50 train step on a 2-core CPU (docs/benchmark
 operand with fewer channels is transposed explicitly, into its own copy: dw = (X^T) dY when
 Cin <= Cout, else (dY^T X)^T. Same values up to float rounding (the order of the sums over N is
 XLA's either way).
+
+The rule was measured on the CPU backend only, so `channel_dense_matmul` (and resnet's max-pool) use it only
+when the program is lowered for the CPU: `cpu_only_rule` picks the branch with `jax.lax.platform_dependent`,
+i.e. by the platform the computation is compiled for (not the process's default backend), and XLA drops the
+other branch at compile time. `gradient_rule("custom" | "plain")` forces one branch while tracing (tests run
+the off-CPU path on the CPU with it).
 """
+
+import contextlib
 
 import functools
 from collections.abc import Callable
 from typing import Any
+
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
@@ -44,9 +54,50 @@ def _backward(precision, residuals, dy):
 
 channel_matmul.defvjp(_forward, _backward)
 
+GRADIENT_RULES = ("auto", "custom", "plain")
+_forced_rule = "auto"
+
+
+@contextlib.contextmanager
+def gradient_rule(rule: str) -> Iterator[None]:
+  """While tracing inside the block, `cpu_only_rule` takes the `rule` branch: "custom" (the CPU-tuned custom
+  gradients), "plain" (JAX's own rules, what other backends get) or "auto" (by the lowering platform)."""
+  global _forced_rule
+  if rule not in GRADIENT_RULES:
+    raise ValueError(f"gradient rule {rule!r}: expected one of {GRADIENT_RULES}.")
+  previous, _forced_rule = _forced_rule, rule
+  try:
+    yield
+  finally:
+    _forced_rule = previous
+
+
+def cpu_only_rule(custom_fn: Callable[..., Any], plain_fn: Callable[..., Any], *args: Any) -> Any:
+  """custom_fn(*args) where the program is lowered for the CPU, plain_fn(*args) on every other platform.
+
+  The two functions must compute the same values (they differ only in how their gradients are written).
+  `gradient_rule` overrides the choice while tracing.
+  """
+  if _forced_rule == "custom":
+    return custom_fn(*args)
+  if _forced_rule == "plain":
+    return plain_fn(*args)
+  return jax.lax.platform_dependent(*args, cpu=custom_fn, default=plain_fn)
+
+
+def plain_matmul(x: jax.Array, kernel: jax.Array, precision: jax.lax.Precision | None = None) -> jax.Array:
+  """`channel_matmul` with JAX's own gradient rule."""
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def channel_dense_matmul(x: jax.Array, kernel: jax.Array, precision: jax.lax.Precision | None = None) -> jax.Array:
+  """x [..., Cin] @ kernel [Cin, Cout]: `channel_matmul`'s custom gradient on the CPU, JAX's rule elsewhere."""
+  return cpu_only_rule(lambda a, b: channel_matmul(a, b, precision), lambda a, b: plain_matmul(a, b, precision),
+                       x, kernel)
+
 
 class ChannelDense(nn.Module):
-  """A bias-free `nn.Dense` over the last axis computed by `channel_matmul` (same `kernel` [Cin, features]).
+  """A bias-free `nn.Dense` over the last axis computed by `channel_dense_matmul` (same `kernel` [Cin, features]).
 
   Attributes:
     features: output channels.
@@ -65,4 +116,4 @@ class ChannelDense(nn.Module):
     """Maps [..., Cin] to [..., features] in `dtype`."""
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    return channel_matmul(x, kernel, self.precision)
+    return channel_dense_matmul(x, kernel, self.precision)

@@ -57,7 +57,7 @@ class Conv1x1(nn.Module):
   result up to float rounding; a stride s keeps every s-th row and column (no padding). On the CPU backend XLA
   lowers a dot and its gradients to plain GEMMs, where the convolution's weight gradient needs the activations
   transposed in several layouts; `linear.channel_matmul` transposes only the smaller operand of the weight
-  gradient (docs/benchmarks.md).
+  gradient (docs/benchmarks.md), on the CPU only (`linear.cpu_only_rule`; JAX's own rule on other platforms).
 
   Attributes:
     features: output channels.
@@ -76,7 +76,7 @@ class Conv1x1(nn.Module):
     if self.stride != 1:
       x = x[:, ::self.stride, ::self.stride, :]
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    return linear.channel_matmul(x, kernel[0, 0])
+    return linear.channel_dense_matmul(x, kernel[0, 0])
 
 
 def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str) -> nn.Module:
@@ -160,6 +160,17 @@ def _max_pool_backward(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) 
 max_pool_3x3_stride2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
+def plain_max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
+  """`max_pool_3x3_stride2` with JAX's own gradient (select-and-scatter: ties go to one maximum per window)."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def stem_max_pool(x: jax.Array) -> jax.Array:
+  """The stem's 3x3/2 max-pool: the custom gradient of `max_pool_3x3_stride2` where the program is lowered for
+  the CPU (where it was measured, docs/benchmarks.md), JAX's `nn.max_pool` elsewhere (`linear.cpu_only_rule`)."""
+  return linear.cpu_only_rule(max_pool_3x3_stride2, plain_max_pool_3x3_stride2, x)
+
+
 class Stem(nn.Module):
   """Modality-specific stem: conv1 7x7/2 -> bn1 -> ReLU -> max-pool 3x3/2 (pad 1).
 
@@ -179,7 +190,7 @@ class Stem(nn.Module):
     x = _conv(self.width, 7, 2, self.dtype, "conv1")(x)
     x = _batch_norm(train, self.bn_momentum, self.dtype, "bn1")(x)
     x = nn.relu(x)
-    return max_pool_3x3_stride2(x)
+    return stem_max_pool(x)
 
 
 class Bottleneck(nn.Module):

@@ -1,5 +1,6 @@
 """Tests of the FDNM assembly and head (fdnm_jax/models/fdnm.py) on the tiny model."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from configs import default
 from fdnm_jax.models import FDNM
 from fdnm_jax.models import fdnm
+from fdnm_jax.models import frequency
 from fdnm_jax.models import fdnm_from_config
 
 NUM_CLASSES = 5
@@ -37,6 +39,7 @@ def _images(seed=0):
 def _random_variables(model, visible, infrared, seed=0):
   """Variables with init's tree, filled from NumPy (fan-in scaled kernels): avoids compiling init."""
   shapes = jax.eval_shape(lambda v, i: model.init(jax.random.key(0), v, i), visible, infrared)
+  shapes = {k: shapes[k] for k in ("params", "batch_stats")}  # init also returns what AGP sows ("diagnostics").
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -70,14 +73,15 @@ def test_train_outputs(combo):
   parts = model.num_parts
   r = nb * (1 + parts)
   b = BV + BI
-  expected = {"global": (b, D), "nuances": (nn_, b, D), "features": (r, b, D), "part_features": (parts, nb, b, D),
-              "logits": (r, b, NUM_CLASSES), "embedding": (b, r * D)}
+  expected = {"global": (b, D), "cnm_original": (b, D), "nuances": (nn_, b, D), "features": (r, b, D),
+              "part_features": (parts, nb, b, D), "logits": (r, b, NUM_CLASSES), "embedding": (b, r * D)}
   assert {k: v.shape for k, v in out.items()} == expected
   for v in out.values():
     assert v.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(v)))
   changed = jax.tree.map(lambda a, c: not np.allclose(a, c), variables["batch_stats"], updated["batch_stats"])
   assert all(jax.tree.leaves(changed))
+  np.testing.assert_array_equal(out["cnm_original"], out["global"])  # cnm_original="raw": the pooled original.
   if name == "anm3_keep":
     np.testing.assert_array_equal(out["global"], out["features"][0])  # the original branch
   if name == "parts2":  # H = 4 rows: two equal stripes average to the global feature
@@ -176,3 +180,55 @@ def test_from_config_rejects_bad_fields(field, value, message):
 def test_no_input_raises():
   with pytest.raises(ValueError, match="at least one"):
     jax.eval_shape(lambda: _tiny().init(jax.random.key(0), None, None))
+
+
+def test_batch_standardized_cnm_original_matches_numpy():
+  """cnm_original="batch_standardized": the original map standardised per channel over (B, H, W) with its biased
+  batch variance and eps 1e-5, then average-pooled (NumPy float64 from the backbone's original map)."""
+  model = _tiny(anm_stage=4, cnm_original="batch_standardized")
+  visible, infrared = _images(2)
+  variables = _random_variables(model, visible, infrared, seed=2)
+  seen = []
+
+  def record_anm_input(next_fun, args, kwargs, context):
+    if isinstance(context.module, frequency.ANM):
+      seen.append(args[0])  # with ANM after the last stage its input is the original map.
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record_anm_input):
+    out, _ = model.apply(variables, visible, infrared, train=True, mutable=["batch_stats"])
+  x = np.asarray(seen[0], np.float64)
+  standardized = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-5)
+  # float32 arithmetic on O(1) values over a 4x2x256 map: ~1e-6 absolute; 1e-5 leaves room for the sums' order.
+  np.testing.assert_allclose(out["cnm_original"], standardized.mean(axis=(1, 2)), atol=1e-5)
+  np.testing.assert_allclose(out["global"], x.mean(axis=(1, 2)), atol=1e-5)
+
+
+# 128 x 64 images: layer4 maps of 8 x 4 bins (tests/configs/tiny_fdnm.py says why 2 x 1 maps are degenerate).
+_EQ_SHAPE = (2, 128, 64, 3)
+
+
+@pytest.mark.parametrize("anm_bn, holds", [("joint", True), ("per_branch", True), ("none", True),
+                                           ("reference", False)])
+def test_eval_mode_equals_train_mode_with_the_batch_statistics(anm_bn, holds):
+  """With bn_momentum 0 a train-mode pass stores each BatchNorm's batch statistics as its running statistics;
+  eval mode with them must give the train-mode outputs when every BatchNorm is applied once per forward pass
+  (anm_bn joint / per_branch / none). The reference reading calls ANM's BN once per branch with each branch's
+  statistics but stores only one set, so there its nuances must differ (the claim does not hold)."""
+  model = FDNM(num_classes=NUM_CLASSES, stage_sizes=(1, 1, 1, 1), width=4, agp_stages=(1, 2), anm_stage=4,
+               bn_momentum=0.0, anm_bn=anm_bn)
+  rng = np.random.default_rng(3)
+  visible, infrared = (rng.normal(size=_EQ_SHAPE).astype(np.float32) for _ in range(2))
+  variables = _random_variables(model, visible, infrared, seed=3)
+  train_out, updated = _apply_train(model, variables, visible, infrared)
+  eval_out = _apply_eval(model, {**variables, "batch_stats": updated["batch_stats"]}, visible, infrared)
+  # Both passes run the same float32 ops on the same values; only XLA's fusion of the statistics differs (a few
+  # ulps, 2^-24 relative, per layer, through ~20 normalised layers): 1e-4 relative of each output's scale is far
+  # above that and far below the O(1) change a wrong statistic makes (the reference case below).
+  for key in ("global", "nuances", "features", "logits", "embedding"):
+    a, b = np.asarray(eval_out[key]), np.asarray(train_out[key])
+    scale = np.max(np.abs(b))
+    if holds:
+      np.testing.assert_allclose(a, b, atol=1e-4 * scale, err_msg=key)
+    elif key == "nuances":
+      assert np.max(np.abs(a - b)) > 1e-2 * scale

@@ -233,3 +233,45 @@ def test_stem_max_pool_gradient_at_ties_goes_to_the_first_maximum():
   _, vjp = jax.vjp(resnet.max_pool_3x3_stride2, jnp.asarray(x))
   (grad,) = vjp(jnp.asarray(grad_out))
   np.testing.assert_allclose(np.asarray(grad), _np_max_pool_grad_first_max(x, grad_out), atol=1e-6)
+
+
+def _custom_calls(fn, *args):
+  """How many custom-VJP calls the jaxpr of the gradient of `fn` holds."""
+  count = 0
+
+  def walk(jaxpr):
+    nonlocal count
+    for eqn in jaxpr.eqns:
+      count += eqn.primitive.name.startswith("custom_vjp")
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=tuple(range(len(args)))))(*args).jaxpr)
+  return count
+
+
+def test_off_cpu_gradient_path_is_jax_own_rule_and_matches_the_cpu_rule():
+  """`linear.gradient_rule("plain")` forces what other platforms lower (linear.cpu_only_rule): no custom VJP is
+  left in the stem pool or the 1x1 conv, and their gradients equal the CPU custom rules' and lax.reduce_window's
+  (JAX's own max-pool rule; no ties in these inputs). Under "auto" the CPU program keeps the custom rules."""
+  from fdnm_jax.models import linear  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 9, 7, 6), np.float32))
+  kernel = jnp.asarray(rng.standard_normal((6, 10), np.float32))
+  pool = lambda v: jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                         ((0, 0), (1, 1), (1, 1), (0, 0)))
+  matmul = lambda v, k: linear.channel_dense_matmul(v, k)
+  reference = {"pool": jax.grad(lambda v: jnp.sum(jnp.sin(pool(v))))(x),
+               "matmul": jax.grad(lambda v, k: jnp.sum(jnp.sin(jnp.einsum("...i,io->...o", v, k,
+                                                                           precision="highest"))),
+                                  argnums=(0, 1))(x, kernel)}
+  for rule in ("plain", "custom", "auto"):
+    with linear.gradient_rule(rule):
+      assert (_custom_calls(resnet.stem_max_pool, x) > 0) == (rule != "plain"), rule
+      assert (_custom_calls(matmul, x, kernel) > 0) == (rule != "plain"), rule
+      got_pool = jax.grad(lambda v: jnp.sum(jnp.sin(resnet.stem_max_pool(v))))(x)
+      got_matmul = jax.grad(lambda v, k: jnp.sum(jnp.sin(matmul(v, k))), argnums=(0, 1))(x, kernel)
+    np.testing.assert_array_equal(np.asarray(got_pool), np.asarray(reference["pool"]))  # routing only: exact.
+    # A 6-term float32 dot product reassociated: ~1e-6 relative of O(1) values.
+    for got, want in zip(got_matmul, reference["matmul"]):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
