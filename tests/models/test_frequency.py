@@ -8,7 +8,6 @@ import pytest
 
 from fdnm_jax.models import FDNM
 from fdnm_jax.models import frequency
-from fdnm_jax.models import spectral
 
 
 def _np_rfft2(x):
@@ -143,52 +142,6 @@ def test_gradients_finite_for_all_zero_map(transform):
     assert np.isfinite(value)
     for g in jax.tree.leaves(grads):
       assert np.all(np.isfinite(np.asarray(g)))
-
-
-@pytest.mark.parametrize("height,width", [(6, 4), (7, 5), (4, 9)])  # even and odd sizes (Nyquist bins)
-def test_dft_matmul_transforms_match_numpy_fft(height, width):
-  rng = np.random.default_rng(height * width)
-  x = rng.normal(size=(2, height, width, 3)).astype(np.float32)
-  re, im = jax.jit(spectral.dft_rfft2)(x)
-  reference = _np_rfft2(x)
-  np.testing.assert_allclose(re, reference.real, atol=2e-6)
-  np.testing.assert_allclose(im, reference.imag, atol=2e-6)
-  # Any half spectrum, not only a Hermitian one: irfft2 drops the imaginary parts numpy drops.
-  half = (rng.normal(size=reference.shape) + 1j * rng.normal(size=reference.shape)).astype(np.complex64)
-  y = jax.jit(spectral.dft_irfft2, static_argnums=(2, 3))(half.real, half.imag, height, width)
-  np.testing.assert_allclose(y, _np_irfft2(half, height, width), atol=2e-6)
-
-
-def test_dft_matmul_inverse_gradient_is_the_transpose_of_numpy_irfft2():
-  height, width, k = 4, 6, 4  # even width: DC and Nyquist columns
-  weights = np.random.default_rng(5).normal(size=(1, height, width, 1))
-  loss = lambda re, im: jnp.sum(jnp.asarray(weights, jnp.float32) * spectral.dft_irfft2(re, im, height, width))
-  zeros = jnp.zeros((1, height, k, 1), jnp.float32)
-  grad_re, grad_im = jax.grad(loss, argnums=(0, 1))(zeros, zeros)
-  # The inverse is linear: d loss / d re[u, v] = sum(weights * irfft2(unit spectrum at (u, v))), and i for im.
-  expected_re = np.zeros((height, k))
-  expected_im = np.zeros((height, k))
-  for u in range(height):
-    for v in range(k):
-      unit = np.zeros((1, height, k, 1), np.complex128)
-      unit[0, u, v, 0] = 1.0
-      expected_re[u, v] = np.sum(weights * _np_irfft2(unit, height, width))
-      expected_im[u, v] = np.sum(weights * _np_irfft2(1j * unit, height, width))
-  np.testing.assert_allclose(grad_re[0, :, :, 0], expected_re, atol=1e-5)
-  np.testing.assert_allclose(grad_im[0, :, :, 0], expected_im, atol=1e-5)
-
-
-def test_unknown_spectral_transform_is_named():
-  with pytest.raises(ValueError, match="spectral_transform='dct'"):
-    spectral.rfft2(jnp.zeros((1, 4, 4, 1)), "dct")
-
-
-def test_polar_at_zero():
-  amp, phase, cos, sin = frequency.polar(jnp.zeros((3,), jnp.float32), jnp.zeros((3,), jnp.float32))
-  np.testing.assert_array_equal(amp, 0.0)
-  np.testing.assert_array_equal(phase, 0.0)
-  np.testing.assert_array_equal(cos, 1.0)
-  np.testing.assert_array_equal(sin, 0.0)
 
 
 def test_bfloat16_input_keeps_ffts_in_float32():
