@@ -260,6 +260,7 @@ def guarded_polar(re: jax.Array, im: jax.Array, width: int, guard: str = "exact"
   Returns:
     A `Polar` of float32 arrays of re's shape.
   """
+  re, im = jnp.asarray(re, jnp.float32), jnp.asarray(im, jnp.float32)
   if conjugate_pairs:
     re, im = _hermitian_columns(re, im, width)
   power = re * re + im * im

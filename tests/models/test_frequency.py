@@ -9,6 +9,7 @@ import pytest
 from fdnm_jax.models import FDNM
 from fdnm_jax.models import frequency
 from fdnm_jax.models import spectral
+from tests.models.test_spectral import np_guarded_polar
 
 
 def _np_rfft2(x):
@@ -145,52 +146,6 @@ def test_gradients_finite_for_all_zero_map(transform):
       assert np.all(np.isfinite(np.asarray(g)))
 
 
-@pytest.mark.parametrize("height,width", [(6, 4), (7, 5), (4, 9)])  # even and odd sizes (Nyquist bins)
-def test_dft_matmul_transforms_match_numpy_fft(height, width):
-  rng = np.random.default_rng(height * width)
-  x = rng.normal(size=(2, height, width, 3)).astype(np.float32)
-  re, im = jax.jit(spectral.dft_rfft2)(x)
-  reference = _np_rfft2(x)
-  np.testing.assert_allclose(re, reference.real, atol=2e-6)
-  np.testing.assert_allclose(im, reference.imag, atol=2e-6)
-  # Any half spectrum, not only a Hermitian one: irfft2 drops the imaginary parts numpy drops.
-  half = (rng.normal(size=reference.shape) + 1j * rng.normal(size=reference.shape)).astype(np.complex64)
-  y = jax.jit(spectral.dft_irfft2, static_argnums=(2, 3))(half.real, half.imag, height, width)
-  np.testing.assert_allclose(y, _np_irfft2(half, height, width), atol=2e-6)
-
-
-def test_dft_matmul_inverse_gradient_is_the_transpose_of_numpy_irfft2():
-  height, width, k = 4, 6, 4  # even width: DC and Nyquist columns
-  weights = np.random.default_rng(5).normal(size=(1, height, width, 1))
-  loss = lambda re, im: jnp.sum(jnp.asarray(weights, jnp.float32) * spectral.dft_irfft2(re, im, height, width))
-  zeros = jnp.zeros((1, height, k, 1), jnp.float32)
-  grad_re, grad_im = jax.grad(loss, argnums=(0, 1))(zeros, zeros)
-  # The inverse is linear: d loss / d re[u, v] = sum(weights * irfft2(unit spectrum at (u, v))), and i for im.
-  expected_re = np.zeros((height, k))
-  expected_im = np.zeros((height, k))
-  for u in range(height):
-    for v in range(k):
-      unit = np.zeros((1, height, k, 1), np.complex128)
-      unit[0, u, v, 0] = 1.0
-      expected_re[u, v] = np.sum(weights * _np_irfft2(unit, height, width))
-      expected_im[u, v] = np.sum(weights * _np_irfft2(1j * unit, height, width))
-  np.testing.assert_allclose(grad_re[0, :, :, 0], expected_re, atol=1e-5)
-  np.testing.assert_allclose(grad_im[0, :, :, 0], expected_im, atol=1e-5)
-
-
-def test_unknown_spectral_transform_is_named():
-  with pytest.raises(ValueError, match="spectral_transform='dct'"):
-    spectral.rfft2(jnp.zeros((1, 4, 4, 1)), "dct")
-
-
-def test_polar_at_zero():
-  amp, phase, cos, sin = frequency.polar(jnp.zeros((3,), jnp.float32), jnp.zeros((3,), jnp.float32))
-  np.testing.assert_array_equal(amp, 0.0)
-  np.testing.assert_array_equal(phase, 0.0)
-  np.testing.assert_array_equal(cos, 1.0)
-  np.testing.assert_array_equal(sin, 0.0)
-
-
 def test_bfloat16_input_keeps_ffts_in_float32():
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 6, 4, 8)), jnp.bfloat16)
   agp = frequency.AGP(groups=4)
@@ -242,3 +197,236 @@ def test_resnet50_param_additions():
   anm = params(anm_stage=4)
   assert _param_count(anm["params"]) - _param_count(base["params"]) == 2 * 2048 ** 2 + 2 * 2 * 2048 + 2 * 2048
   assert _param_count(anm["batch_stats"]["anm"]) == 2 * 2048
+
+
+# --- Phase guards, conjugate pairs and ANM normalisation (issue 19) -------------------------------------------
+
+# The guard settings the layer tests run: the spec, and the phase floor with conjugate pairs.
+GUARDS = {"exact": dict(phase_guard="exact"),
+          "floor_pairs": dict(phase_guard="floor", phase_floor=1e-4, conjugate_pairs=True)}
+
+
+def _np_guard_kwargs(kw):
+  return dict(guard=kw.get("phase_guard", "exact"), floor=kw.get("phase_floor", 1e-4),
+              soft_eps=kw.get("phase_soft_eps", 1e-4), conjugate_pairs=kw.get("conjugate_pairs", False))
+
+
+def _np_agp_guarded(x, kernel, kw):
+  """AGP (FDNM_SPEC §1.2) in NumPy float64 on the guarded reading of X: irfft2(A e^{iP} e^{i P s})."""
+  spec = _np_rfft2(x)
+  p = np_guarded_polar(spec, x.shape[2], **_np_guard_kwargs(kw))
+  gate = 1.0 / (1.0 + np.exp(-(p["amplitude"].mean(axis=(1, 2)) @ kernel)))
+  return _np_irfft2(p["carrier"] * np.exp(1j * p["phase"] * gate[:, None, None, :]), x.shape[1], x.shape[2])
+
+
+def _np_anm_guarded(f, params, kw, bn_mode="reference", inorm_stats="instance", stats=None):
+  """ANM (FDNM_SPEC §1.3) in NumPy float64 for each bn_mode; `stats` maps a BN name to its running (mean, var)."""
+  p = np_guarded_polar(_np_rfft2(f), f.shape[2], **_np_guard_kwargs(kw))
+  maps = []
+  for i in (1, 2):
+    mixed = p["amplitude"] @ np.asarray(params[f"conv{i}"]["kernel"], np.float64)
+    grid = mixed.reshape(mixed.shape[0], -1, mixed.shape[-1])
+    if inorm_stats == "exclude_dc":
+      grid = grid[:, 1:]
+    mean, var = grid.mean(axis=1)[:, None, None], grid.var(axis=1)[:, None, None]
+    mixed = (mixed - mean) / np.sqrt(var + 1e-5) * params[f"inorm{i}"]["scale"] + params[f"inorm{i}"]["bias"]
+    maps.append(_np_irfft2(mixed * p["phasor"], f.shape[1], f.shape[2]))
+
+  def bn(y, name, batch):
+    mean, var = (batch.mean(axis=(0, 1, 2)), batch.var(axis=(0, 1, 2))) if stats is None else stats[name]
+    return (y - mean) / np.sqrt(var + 1e-5) * params[name]["scale"] + params[name]["bias"]
+
+  if bn_mode == "reference":
+    return [bn(y, "bn", y) for y in maps]
+  if bn_mode == "joint":
+    joint = np.concatenate(maps)
+    return [bn(y, "bn", joint) for y in maps]
+  if bn_mode == "per_branch":
+    return [bn(y, f"bn{i}", y) for i, y in zip((1, 2), maps)]
+  return maps
+
+
+def _post_relu(seed, shape):
+  return np.maximum(np.random.default_rng(seed).normal(size=shape), 0.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("guard", sorted(GUARDS))
+@pytest.mark.parametrize("height,width", [(72, 36), (96, 36)])  # layer1 at 288 x 144 and 384 x 144
+def test_agp_on_post_relu_maps_at_layer1_sizes(height, width, guard):
+  x = _post_relu(height, (2, height, width, 8))
+  agp = frequency.AGP(groups=4, **GUARDS[guard])
+  variables = agp.init(jax.random.key(0), x)
+  y = jax.jit(agp.apply)(variables, x)
+  # y is O(1); float32 FFTs of 2592-3456 points round to ~1e-6 relative (u log2(HW)), 1e-5 leaves margin.
+  np.testing.assert_allclose(y, _np_agp_guarded(x, _gate_kernel(variables["params"], 4), GUARDS[guard]), atol=1e-5)
+
+
+@pytest.mark.parametrize("guard", sorted(GUARDS))
+@pytest.mark.parametrize("height,width", [(18, 9), (24, 9)])  # layer4 at 288 x 144 and 384 x 144
+def test_anm_on_post_relu_maps_at_layer4_sizes(height, width, guard):
+  f = _post_relu(height, (4, height, width, 16))
+  anm = frequency.ANM(**GUARDS[guard])
+  variables = _randomise_norms(anm.init(jax.random.key(0), f), 1)
+  (f1, f2), _ = jax.jit(lambda v, x: anm.apply(v, x, train=True, mutable=["batch_stats"]))(variables, f)
+  ref = _np_anm_guarded(f, variables["params"], GUARDS[guard])
+  # A bin's phase error is its float32 rounding (~1e-7 |X|_rms) over |X|, and the smallest of ~1e4
+  # Rayleigh-distributed bins is ~1e-2 RMS: <= 1e-5 relative per bin, spread by irfft2 and scaled by the norms'
+  # 1/std; 1e-4 of the map's scale bounds it.
+  np.testing.assert_allclose(f1, ref[0], atol=1e-4 * np.abs(ref[0]).max())
+  np.testing.assert_allclose(f2, ref[1], atol=1e-4 * np.abs(ref[1]).max())
+
+
+def _structured_maps(height, width, channels=12):
+  """Maps whose spectra have exact zeros and real bins: constant along H, along W, flat, a negative Nyquist."""
+  rng = np.random.default_rng(height + width)
+  x = np.zeros((2, height, width, channels))
+  c = np.arange(channels)
+  x += rng.uniform(0.0, 1.0, (2, 1, width, channels)) * (c % 4 == 0)  # constant along H
+  x += rng.uniform(0.0, 1.0, (2, height, 1, channels)) * (c % 4 == 1)  # constant along W
+  x += 0.7 * (c % 4 == 2)  # flat
+  alternating = (-1.0) ** np.arange(width)[None, None, :, None]
+  x += (0.5 - 0.3 * alternating) * (c % 4 == 3)  # negative Nyquist column (W even)
+  return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("height,width", [(24, 10), (18, 8)])
+def test_fft_and_dft_matmul_agree_on_structured_maps_with_floor_and_pairs(height, width):
+  x = _structured_maps(height, width)
+  kw = GUARDS["floor_pairs"]
+  agp = {t: frequency.AGP(groups=4, transform=t, **kw) for t in frequency.SPECTRAL_TRANSFORMS}
+  anm = {t: frequency.ANM(transform=t, **kw) for t in frequency.SPECTRAL_TRANSFORMS}
+  agp_vars = agp["fft"].init(jax.random.key(0), x)
+  anm_vars = _randomise_norms(anm["fft"].init(jax.random.key(0), x), 2)
+  y = {t: jax.jit(m.apply)(agp_vars, x) for t, m in agp.items()}
+  f = {t: jax.jit(lambda v, x, m=m: m.apply(v, x, train=True, mutable=["batch_stats"])[0])(anm_vars, x)
+       for t, m in anm.items()}
+  # The two transforms differ by float32 rounding (~1e-7 relative, `test_dft_matmul_transforms_match_numpy_fft`);
+  # with the noise bins floored no phase amplifies it, so the maps agree to 1e-5 of their scale (ANM's norms
+  # scale its rounding by their 1/std, a few x 1e-6 relative; an unguarded noise phase gives O(1) differences).
+  np.testing.assert_allclose(y["fft"], y["dft_matmul"], atol=1e-5 * np.abs(y["fft"]).max())
+  for a, b in zip(f["fft"], f["dft_matmul"]):
+    np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(a).max())
+
+
+def _central_difference(fn, x, direction, step):
+  return (fn(x + step * direction) - fn(x - step * direction)) / (2.0 * step)
+
+
+@pytest.mark.parametrize("guard", sorted(GUARDS))
+def test_gradients_match_float64_finite_differences_away_from_the_cut(guard):
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(3, 7, 6, 8)).astype(np.float32)
+  spec = _np_rfft2(x)
+  off_axis = np.ones(spec.shape[1:3], bool)
+  off_axis[0, [0, x.shape[2] // 2]] = False  # the real bins (odd H): no jump there (spectral.near_cut_fraction)
+  assert np.min(np.pi - np.abs(np.angle(spec[:, off_axis]))) > 1e-3  # away from AGP's cut (checked, not assumed)
+  direction = rng.normal(size=x.shape)
+  weights = rng.normal(size=x.shape)
+  agp = frequency.AGP(groups=4, **GUARDS[guard])
+  agp_vars = agp.init(jax.random.key(0), x)
+  anm = frequency.ANM(**GUARDS[guard])
+  anm_vars = _randomise_norms(anm.init(jax.random.key(0), x), 4)
+  kernel = _gate_kernel(agp_vars["params"], 4)
+  cases = [
+      (lambda v: jnp.sum(weights * agp.apply(agp_vars, v)),
+       lambda v: np.sum(weights * _np_agp_guarded(v, kernel, GUARDS[guard]))),
+      (lambda v: jnp.sum(weights * anm.apply(anm_vars, v, train=True, mutable=["batch_stats"])[0][1]),
+       lambda v: np.sum(weights * _np_anm_guarded(v, anm_vars["params"], GUARDS[guard])[1])),
+  ]
+  for loss, np_loss in cases:
+    grad = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(x)), np.float64)
+    analytic = np.sum(grad * direction)
+    # float64 central differences: truncation ~ step^2 |L'''| and rounding ~ 1e-16 |L| / step, both < 1e-8 here;
+    # the float32 gradient sums ~1e3 terms of relative error ~1e-6: 1e-4 relative bounds it.
+    numeric = _central_difference(lambda v: np_loss(v), x.astype(np.float64), direction, 1e-5)
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-4, atol=1e-4)
+
+
+def _batch_stats_of(f, params, kw, bn_mode, inorm_stats):
+  """The BN batch statistics training uses, from the NumPy reference (biased variance, as the BN's running var)."""
+  maps = _np_anm_guarded(f, params, kw, bn_mode="none", inorm_stats=inorm_stats)
+  if bn_mode == "joint":
+    joint = np.concatenate(maps)
+    return {"bn": (joint.mean(axis=(0, 1, 2)), joint.var(axis=(0, 1, 2)))}
+  return {f"bn{i}": (y.mean(axis=(0, 1, 2)), y.var(axis=(0, 1, 2))) for i, y in zip((1, 2), maps)}
+
+
+@pytest.mark.parametrize("inorm_stats", frequency.ANM_INORM_STATS)
+@pytest.mark.parametrize("bn_mode", frequency.ANM_BN_MODES)
+def test_anm_bn_modes_match_numpy_and_eval_equals_train_at_batch_statistics(bn_mode, inorm_stats):
+  f = _post_relu(11, (4, 6, 5, 8))
+  kw = GUARDS["floor_pairs"]
+  anm = frequency.ANM(bn_mode=bn_mode, inorm_stats=inorm_stats, **kw)
+  variables = _randomise_norms(anm.init(jax.random.key(0), f), 5)
+  names = {"reference": {"bn"}, "joint": {"bn"}, "per_branch": {"bn1", "bn2"}, "none": set()}[bn_mode]
+  assert set(variables["params"]) == {"conv1", "conv2", "inorm1", "inorm2"} | names
+  (t1, t2), _ = anm.apply(variables, f, train=True, mutable=["batch_stats"])
+  ref = _np_anm_guarded(f, variables["params"], kw, bn_mode, inorm_stats)
+  np.testing.assert_allclose(t1, ref[0], atol=1e-5)  # O(1) outputs of small float32 FFTs
+  np.testing.assert_allclose(t2, ref[1], atol=1e-5)
+  if bn_mode == "reference":
+    # One BN, two batch statistics in training, one running average: no running value reproduces both
+    # branches (here: set to branch 1's, branch 2 differs by the branches' different statistics).
+    stats = _batch_stats_of(f, variables["params"], kw, "per_branch", inorm_stats)
+    mean, var = stats["bn1"]
+    assert np.max(np.abs(stats["bn2"][0] - mean)) > 1e-2
+    variables = {**variables, "batch_stats": {"bn": {"mean": mean, "var": var}}}
+    e1, e2 = anm.apply(variables, f, train=False)
+    np.testing.assert_allclose(e1, t1, atol=1e-4)
+    assert np.max(np.abs(np.asarray(e2) - np.asarray(t2))) > 1e-2
+    return
+  if names:
+    stats = _batch_stats_of(f, variables["params"], kw, bn_mode, inorm_stats)
+    variables = {**variables, "batch_stats": {n: {"mean": stats[n][0], "var": stats[n][1]} for n in names}}
+  e1, e2 = anm.apply(variables, f, train=False)
+  # Eval normalises with the float64 batch statistics, training with float32 ones: float32 rounding of O(1) maps.
+  np.testing.assert_allclose(e1, t1, atol=1e-4)
+  np.testing.assert_allclose(e2, t2, atol=1e-4)
+
+
+def _hermitian_spectrum(rng, height, width, channels):
+  return _np_rfft2(rng.normal(size=(1, height, width, channels)))
+
+
+def _anti_hermitian_noise(rng, shape, width, scale):
+  """Noise on the self-conjugate columns that leaves their Hermitian part unchanged: +d at (u, k), -conj d at -u."""
+  height = shape[1]
+  noise = np.zeros(shape, np.complex128)
+  mirror = (-np.arange(height)) % height
+  for k in (0, width // 2):
+    d = scale * (rng.normal(size=(shape[0], height, shape[3])) + 1j * rng.normal(size=(shape[0], height, shape[3])))
+    noise[:, :, k] = d - np.conj(d[:, mirror])
+  return noise
+
+
+def _run_on_spectrum(monkeypatch, module, variables, spec, height, width, **kwargs):
+  spec = spec.astype(np.complex64)
+  monkeypatch.setattr(spectral, "rfft2", lambda x, transform="fft": (jnp.asarray(spec.real), jnp.asarray(spec.imag)))
+  return module.apply(variables, jnp.zeros((spec.shape[0], height, width, spec.shape[-1])), **kwargs)
+
+
+@pytest.mark.parametrize("layer", ["agp", "anm"])
+def test_conjugate_pairs_make_irfft2_blind_to_rounding_noise_in_the_self_conjugate_columns(layer, monkeypatch):
+  height, width, channels = 8, 6, 8
+  rng = np.random.default_rng(13)
+  spec = _hermitian_spectrum(rng, height, width, channels)
+  if layer == "agp":
+    # Column-0 pairs just off the negative real axis (phase pi - 1e-6): rounding noise moves each half across.
+    spec[0, 1:, 0] = -np.abs(spec[0, 1:, 0]) * np.exp(1j * 1e-6 * np.sign(height / 2 - np.arange(1, height)))[:, None]
+    spec[0, height // 2, 0] = -1.0
+  else:
+    spec[0, 1:, 0] *= 1e-9  # rounding-noise bins: ANM's exact phasor is their noise's
+  noise = _anti_hermitian_noise(rng, spec.shape, width, 3e-6 if layer == "agp" else 3e-9)
+  outputs = {}
+  for pairs in (False, True):
+    module = (frequency.AGP(groups=2, conjugate_pairs=pairs) if layer == "agp"
+              else frequency.ANM(bn_mode="none", conjugate_pairs=pairs))
+    variables = _randomise_norms(module.init(jax.random.key(0), jnp.zeros((1, height, width, channels))), 6)
+    kwargs = {} if layer == "agp" else {"train": False}
+    clean = _run_on_spectrum(monkeypatch, module, variables, spec, height, width, **kwargs)
+    noisy = _run_on_spectrum(monkeypatch, module, variables, spec + noise, height, width, **kwargs)
+    clean, noisy = (clean, noisy) if layer == "agp" else (clean[0], noisy[0])
+    outputs[pairs] = float(np.max(np.abs(np.asarray(clean) - np.asarray(noisy))))
+  # With pairs: only float32 rounding of O(1) maps changes (1e-5); without: a jump of O(|X|) = O(1).
+  assert outputs[True] < 1e-5, outputs
+  assert outputs[False] > 1e-2, outputs

@@ -1,0 +1,188 @@
+"""Tests of fdnm_jax/models/spectral.py: the transforms and the guarded polar form, against NumPy float64."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdnm_jax.models import spectral
+
+
+def _np_rfft2(x):
+  return np.fft.rfft2(x.astype(np.float64), axes=(1, 2), norm="ortho")
+
+
+def _np_irfft2(spec, h, w):
+  return np.fft.irfft2(spec, s=(h, w), axes=(1, 2), norm="ortho")
+
+
+def np_guarded_polar(spec, width, guard="exact", floor=1e-4, soft_eps=1e-4, conjugate_pairs=False):
+  """The guards of spectral.guarded_polar written from their definitions in NumPy float64.
+
+  spec: complex [B, H, K, C]. Returns a dict of amplitude, phase, phasor (complex), carrier (complex), valid.
+  """
+  spec = np.array(spec, np.complex128)
+  height = spec.shape[1]
+  cols = [0, width // 2] if width % 2 == 0 else [0]
+  mirror = (-np.arange(height)) % height
+  if conjugate_pairs:
+    for k in cols:
+      spec[:, :, k] = 0.5 * (spec[:, :, k] + np.conj(spec[:, mirror, k]))
+  power = np.abs(spec) ** 2
+  valid = power > 1e-30
+  mean_power = power.mean(axis=(1, 2), keepdims=True)
+  if guard == "floor":
+    valid &= np.sqrt(power) >= floor * np.sqrt(mean_power)
+  amp = np.where(valid, np.abs(spec), 0.0)
+  phase = np.where(valid, np.angle(spec), 0.0)
+  phasor = np.where(valid, spec / np.where(valid, amp, 1.0), 1.0)
+  carrier = spec if guard == "exact" else np.where(valid, spec, 0.0)
+  if guard == "reference":
+    phase = np.where(valid, np.angle(spec + 1e-7), 0.0)
+    phasor = np.exp(1j * phase)
+    carrier = amp * phasor
+  elif guard == "soft":
+    phasor = spec / np.sqrt(power + soft_eps ** 2 * mean_power)
+    carrier = amp * phasor
+  out = {"amplitude": amp, "phase": phase, "phasor": phasor, "carrier": carrier, "valid": valid}
+  if conjugate_pairs:
+    rows = np.arange(height) > height / 2
+    for name, value in out.items():
+      for k in cols:
+        source = value[:, mirror, k]
+        if name == "phase":
+          source = -source
+        elif np.iscomplexobj(value):
+          source = np.conj(source)
+        value[:, rows, k] = source[:, rows]
+  return out
+
+
+def _spectrum_with_small_bins(seed, shape, floor):
+  """A random half spectrum whose small bins are far below `floor` x RMS and the others far above it."""
+  rng = np.random.default_rng(seed)
+  spec = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+  spec *= np.where(np.abs(spec) < 0.2, 5.0, 1.0)  # no bin near the floor by chance: all |X| >= 0.2 x ...
+  tiny = rng.random(shape) < 0.2
+  spec[tiny] *= floor * 1e-2  # ... or far below floor x RMS
+  return spec.astype(np.complex64)
+
+
+@pytest.mark.parametrize("conjugate_pairs", [False, True])
+@pytest.mark.parametrize("guard", spectral.PHASE_GUARDS)
+@pytest.mark.parametrize("height,width", [(6, 8), (7, 5)])  # even H and W (self-conjugate Nyquist bins), odd
+def test_guarded_polar_matches_its_numpy_definition(guard, conjugate_pairs, height, width):
+  floor, soft_eps = 1e-3, 1e-2
+  spec = _spectrum_with_small_bins(height, (2, height, width // 2 + 1, 3), floor)
+  p = jax.jit(spectral.guarded_polar, static_argnums=(2, 3, 4, 5, 6))(
+      spec.real, spec.imag, width, guard, floor, soft_eps, conjugate_pairs)
+  ref = np_guarded_polar(spec, width, guard, floor, soft_eps, conjugate_pairs)
+  np.testing.assert_array_equal(p.valid, ref["valid"])
+  # Every value is O(1) or smaller and a few float32 operations from the input: 1e-6 is a few float32 ulps.
+  # The phase of a bin far below the floor (|X| ~ 1e-5) is still well-conditioned in float32 (relative inputs).
+  np.testing.assert_allclose(p.amplitude, ref["amplitude"], atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(p.phase, ref["phase"], atol=1e-6)
+  np.testing.assert_allclose(p.phasor_re + 1j * p.phasor_im, ref["phasor"], atol=1e-6)
+  np.testing.assert_allclose(p.carrier_re + 1j * p.carrier_im, ref["carrier"], atol=1e-6)
+
+
+def test_floor_reads_noise_bins_as_phase_zero_and_keeps_the_others():
+  spec = _spectrum_with_small_bins(0, (2, 6, 4, 3), 1e-4)
+  p = spectral.guarded_polar(spec.real, spec.imag, 6, "floor", 1e-4)
+  small = np.abs(spec) < 1e-5
+  assert small.any() and (~small).any()
+  np.testing.assert_array_equal(p.valid, ~small)
+  np.testing.assert_array_equal(np.asarray(p.phasor_re)[small], 1.0)
+  np.testing.assert_array_equal(np.asarray(p.phasor_im)[small], 0.0)
+  exact = spectral.guarded_polar(spec.real, spec.imag, 6, "exact")
+  for a, b in zip(p, exact):
+    np.testing.assert_array_equal(np.asarray(a)[~small], np.asarray(b)[~small])
+
+
+def test_conjugate_pairs_are_exact_conjugates_and_self_conjugate_bins_real():
+  height, width = 6, 8
+  rng = np.random.default_rng(3)
+  # A real map's spectrum, then independent rounding-size noise on every bin (as a float32 FFT leaves it).
+  spec = _np_rfft2(rng.normal(size=(2, height, width, 3)))
+  spec = spec * (1 + 1e-7 * rng.normal(size=spec.shape)) + 1e-7j * rng.normal(size=spec.shape)
+  spec = spec.astype(np.complex64)
+  p = spectral.guarded_polar(spec.real, spec.imag, width, "exact", conjugate_pairs=True)
+  pairs = np.array([u for u in range(1, height) if 2 * u != height])
+  mirror = (-pairs) % height
+  for k in (0, width // 2):
+    np.testing.assert_array_equal(np.asarray(p.phase)[:, mirror, k], -np.asarray(p.phase)[:, pairs, k])
+    np.testing.assert_array_equal(np.asarray(p.carrier_im)[:, mirror, k], -np.asarray(p.carrier_im)[:, pairs, k])
+    np.testing.assert_array_equal(np.asarray(p.amplitude)[:, mirror, k], np.asarray(p.amplitude)[:, pairs, k])
+    for u in (0, height // 2):  # real bins: phase 0 or pi by the sign of the real part, no imaginary part
+      np.testing.assert_array_equal(np.asarray(p.carrier_im)[:, u, k], 0.0)
+      np.testing.assert_array_equal(np.asarray(p.phase)[:, u, k],
+                                    np.where(np.asarray(p.carrier_re)[:, u, k] < 0, np.float32(np.pi), 0.0))
+
+
+def test_near_cut_fraction_counts_by_hand():
+  # One sample, one channel, H = 4, W = 4 (K = 3): 12 bins; self-conjugate (0,0), (2,0), (0,2), (2,2).
+  phase = np.zeros((1, 4, 3, 1), np.float32)
+  valid = np.ones((1, 4, 3, 1), bool)
+  phase[0, 1, 1, 0] = np.pi - 5e-4   # near the cut
+  phase[0, 3, 1, 0] = -np.pi + 2e-4  # near the cut
+  phase[0, 1, 0, 0] = np.pi - 2e-3   # not within 1e-3
+  phase[0, 0, 0, 0] = np.pi          # self-conjugate: not counted
+  phase[0, 2, 1, 0] = np.pi          # near, but floored
+  valid[0, 2, 1, 0] = False
+  zeros = np.zeros_like(phase)
+  p = spectral.Polar(zeros, jnp.asarray(phase), zeros, zeros, zeros, zeros, jnp.asarray(valid))
+  # counted: 12 - 4 self-conjugate - 1 floored = 7; near: 2
+  np.testing.assert_allclose(spectral.near_cut_fraction(p, 4, 1e-3), 2 / 7, rtol=1e-6)
+
+
+def test_unknown_guard_is_named():
+  with pytest.raises(ValueError, match="phase_guard='noisy'"):
+    spectral.check_phase_guard("noisy", 1e-4, 1e-4)
+  with pytest.raises(ValueError, match="phase_floor=1.5"):
+    spectral.check_phase_guard("floor", 1.5, 1e-4)
+
+
+@pytest.mark.parametrize("height,width", [(6, 4), (7, 5), (4, 9)])  # even and odd sizes (Nyquist bins)
+def test_dft_matmul_transforms_match_numpy_fft(height, width):
+  rng = np.random.default_rng(height * width)
+  x = rng.normal(size=(2, height, width, 3)).astype(np.float32)
+  re, im = jax.jit(spectral.dft_rfft2)(x)
+  reference = _np_rfft2(x)
+  np.testing.assert_allclose(re, reference.real, atol=2e-6)
+  np.testing.assert_allclose(im, reference.imag, atol=2e-6)
+  # Any half spectrum, not only a Hermitian one: irfft2 drops the imaginary parts numpy drops.
+  half = (rng.normal(size=reference.shape) + 1j * rng.normal(size=reference.shape)).astype(np.complex64)
+  y = jax.jit(spectral.dft_irfft2, static_argnums=(2, 3))(half.real, half.imag, height, width)
+  np.testing.assert_allclose(y, _np_irfft2(half, height, width), atol=2e-6)
+
+
+def test_dft_matmul_inverse_gradient_is_the_transpose_of_numpy_irfft2():
+  height, width, k = 4, 6, 4  # even width: DC and Nyquist columns
+  weights = np.random.default_rng(5).normal(size=(1, height, width, 1))
+  loss = lambda re, im: jnp.sum(jnp.asarray(weights, jnp.float32) * spectral.dft_irfft2(re, im, height, width))
+  zeros = jnp.zeros((1, height, k, 1), jnp.float32)
+  grad_re, grad_im = jax.grad(loss, argnums=(0, 1))(zeros, zeros)
+  # The inverse is linear: d loss / d re[u, v] = sum(weights * irfft2(unit spectrum at (u, v))), and i for im.
+  expected_re = np.zeros((height, k))
+  expected_im = np.zeros((height, k))
+  for u in range(height):
+    for v in range(k):
+      unit = np.zeros((1, height, k, 1), np.complex128)
+      unit[0, u, v, 0] = 1.0
+      expected_re[u, v] = np.sum(weights * _np_irfft2(unit, height, width))
+      expected_im[u, v] = np.sum(weights * _np_irfft2(1j * unit, height, width))
+  np.testing.assert_allclose(grad_re[0, :, :, 0], expected_re, atol=1e-5)
+  np.testing.assert_allclose(grad_im[0, :, :, 0], expected_im, atol=1e-5)
+
+
+def test_unknown_spectral_transform_is_named():
+  with pytest.raises(ValueError, match="spectral_transform='dct'"):
+    spectral.rfft2(jnp.zeros((1, 4, 4, 1)), "dct")
+
+
+def test_polar_at_zero():
+  amp, phase, cos, sin = spectral.polar(jnp.zeros((3,), jnp.float32), jnp.zeros((3,), jnp.float32))
+  np.testing.assert_array_equal(amp, 0.0)
+  np.testing.assert_array_equal(phase, 0.0)
+  np.testing.assert_array_equal(cos, 1.0)
+  np.testing.assert_array_equal(sin, 0.0)
