@@ -194,15 +194,18 @@ def _tree_digest(folder):
 
 
 @pytest.mark.slow
-def test_recalibration_is_saved_beside_the_checkpoint_reused_and_leaves_it_byte_identical(caplog):
-  from fdnm_jax import inference  # pylint: disable=g-import-not-at-top
+def test_recalibration_is_saved_beside_the_checkpoint_reused_and_leaves_it_byte_identical(caplog, tmp_path):
+  """A run trained with the reference reading (ANM's one BN called per branch: the checkpoint precise BN must rescue,
+  issue 19) gets per-call statistics, saved beside its checkpoint and reused."""
+  from fdnm_jax import inference, run_config, train  # pylint: disable=g-import-not-at-top
   from fdnm_jax import eval_mode  # pylint: disable=g-import-not-at-top
   from tests.configs import tiny  # pylint: disable=g-import-not-at-top
-  from tests.test_inference import trained_workdir  # pylint: disable=g-import-not-at-top
-  workdir = trained_workdir()
+  config = tiny.get_config()
+  config.model.update(run_config.REFERENCE_READING)
+  workdir = str(tmp_path / "reference_reading")
+  train.train_and_evaluate(config, workdir)
   checkpoints = os.path.join(workdir, "checkpoints")
   before = _tree_digest(checkpoints)
-  config = tiny.get_config()
   config.evals.recalibrate_bn_batches = 2
   report = eval_mode.evaluate_checkpoint(config, workdir)
   folder = os.path.join(workdir, "recalibrated_bn", "4", "batches2_per_call")

@@ -119,36 +119,29 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted_run(traine
                              [r["train/total"] for r in train_rows(reference)], rtol=1e-5)
 
 
-BASELINE = ("--config.model.agp_stages=()", "--config.model.anm_stage=0", "--config.loss.cnm_weight=0.0")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("model, compared_steps", [("full", 1), ("full_dft_matmul", 1)])
-def test_eight_devices_log_the_same_losses_as_one(tmp_path, model, compared_steps):
-  """The 8-device SPMD program computes what the 1-device one does: every logged loss term and the gradient
-  norm agree to 1e-4 relative.
+def test_eight_devices_log_the_same_losses_as_one_through_main_with_the_dft_transform(tmp_path):
+  """main.py's 8-device SPMD program computes what the 1-device one does for the full default FDNM (phase floor and
+  conjugate pairs) with `spectral_transform=dft_matmul`: every logged loss term and the gradient norm of the first
+  step agree to 1e-4 relative (the reductions reassociated over 8 devices change float32 sums by ~1e-6; with
+  phase_guard="exact" the step-1 gradient norm was 1.3e-4 off here: rounding-noise bins' phases).
 
-  Only the first steps are comparable. Float reassociation (BatchNorm and loss reductions summed in another
-  order) differs by ~1e-7 and training amplifies it about tenfold per step on this tiny random-init model
-  (batch-hard mining and ReLU patterns flip); in the full FDNM the amplification is faster (AGP's phase
-  P * (1 + s) is discontinuous where a bin's phase wraps at +-pi, and the phase gradient ~1/|X| is large for
-  small bins), so the full model is compared on its first step through main.py here. The baseline in a
-  non-chaotic setting is compared over 3 steps and its final params on 1, 8 and 4x2 devices in
-  tests/test_sharding.py.
+  Only step 1 is comparable: from step 2 the 1- and 8-device runs part by O(1e-3) whatever the phase guard (the
+  step-1 updates differ by reassociation, and batch-hard mining, L_cnm's hinges and AGP's bins near its cut turn
+  that into larger gaps; tests/test_sharding.py::full_model_config has the figures). The jnp.fft transform of the
+  same model on 1, 8 and 4x2 devices is tested there, in one process.
   """
-  overrides = ("--config.schedule.num_epochs=1",) + (BASELINE if model == "baseline" else ()) + (
-      ("--config.model.spectral_transform=dft_matmul",) if model == "full_dft_matmul" else ())
   runs = {}
   for devices in (1, 8):
     workdir = str(tmp_path / f"d{devices}")
-    run_main(workdir, *overrides, devices=devices)
+    run_main(workdir, "--config.schedule.num_epochs=1", "--config.model.spectral_transform=dft_matmul",
+             devices=devices)
     runs[devices] = train_rows(workdir)
   assert [r["step"] for r in runs[8]] == [1, 2]
-  terms = ("train/total", "train/id", "train/triplet", "train/grad_norm") + (
-      ("train/cnm", "train/ortho") if model.startswith("full") else ())
-  for r1, r8 in list(zip(runs[1], runs[8]))[:compared_steps]:
-    for key in terms:
-      np.testing.assert_allclose(r8[key], r1[key], rtol=1e-4, err_msg=f"step {r1['step']} {key}")
+  first_1, first_8 = runs[1][0], runs[8][0]
+  for key in ("train/total", "train/id", "train/triplet", "train/grad_norm", "train/cnm", "train/ortho",
+              "train/agp_near_cut"):
+    np.testing.assert_allclose(first_8[key], first_1[key], rtol=1e-4, err_msg=f"step 1 {key}")
 
 
 def test_non_finite_terms_are_named_in_the_order_the_step_computes_them():
