@@ -96,7 +96,8 @@ FULL_GUARDED = {"model.phase_guard": "floor", "model.conjugate_pairs": True, "me
 def full_model_config():
   """configs/synthetic.py's full FDNM with FULL_GUARDED: its first step agrees across meshes to float noise.
 
-  Measured (1 vs data=8 vs data=4 x fsdp=2, 4 steps, relative gaps): step 1 every loss term <= 6e-7 and the
+  Measured at width 16 (the demo model before it became width 8; 1 vs data=8 vs data=4 x fsdp=2, 4 steps, relative
+  gaps): step 1 every loss term <= 6e-7 and the
   gradient norm <= 1e-6 with this guard; with phase_guard="exact" the 4x2 gradient norm is already 4.1e-4 off at
   step 1 (noise bins' phases on the cut: AGP), so the guard is what makes step 1 comparable. From step 2 on the
   runs part whatever the guard (floor+pairs, data=8: total 4.3e-4, triplet 1.8e-3, grad norm 1.3e-2 at step 2;
