@@ -19,6 +19,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from fdnm_jax import run_config
+
 ZERO_POWER = 1e-30  # as fdnm_jax.models.frequency._ZERO_POWER
 EXPANSION = 4
 
@@ -303,6 +305,10 @@ def model_from_config(model_config: Any, num_classes: int) -> TorchFDNM:
     raise ValueError(f"model.dtype={model_config.dtype!r}: the torch reference runs float32 only.")
   if model_config.agp_groups < 1:
     raise ValueError(f"model.agp_groups={model_config.agp_groups}: expected >= 1.")
+  other = {k: model_config.get(k, v) for k, v in run_config.REFERENCE_READING.items() if model_config.get(k, v) != v}
+  if other:
+    raise ValueError(f"the torch reference computes the reference reading only ({run_config.REFERENCE_READING}); "
+                     f"this config sets {other}.")
   return TorchFDNM(num_classes, model_config.stage_sizes, model_config.width, model_config.last_stride,
                    model_config.agp_stages, model_config.anm_stage, model_config.anm_keep_original,
                    model_config.num_parts)

@@ -64,12 +64,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_parts = 0  # horizontal stripes pooled as local features; 0 = global features only.
   config.model.bn_momentum = 0.9  # BatchNorm running-average decay (PyTorch momentum 0.1).
   config.model.spectral_transform = "fft"  # AGP/ANM FFTs: fft (jnp.fft) | dft_matmul (DFT matrix products).
-  config.model.anm_bn = "reference"  # ANM's BN: reference (one BN called per branch) | joint | per_branch | none.
+  config.model.anm_bn = "per_branch"  # ANM's BN: per_branch (own BN per map) | reference (one, called per map) | joint | none.
   config.model.anm_inorm_stats = "instance"  # ANM's instance-norm statistics: instance | exclude_dc (DC bin left out).
-  config.model.phase_guard = "exact"  # AGP/ANM phase of near-zero bins: exact | reference | floor | soft.
+  config.model.phase_guard = "floor"  # AGP/ANM phase of near-zero bins: exact | reference | floor | soft.
   config.model.phase_floor = 1e-4  # phase_guard=floor: bins under this fraction of the channel RMS |X| get no phase.
   config.model.phase_soft_eps = 1e-4  # phase_guard=soft: X / sqrt(|X|^2 + eps^2), eps this fraction of the RMS |X|.
-  config.model.conjugate_pairs = False  # AGP/ANM: treat the real FFT's Hermitian-paired bins as one.
+  config.model.conjugate_pairs = True  # AGP/ANM: treat the real FFT's Hermitian-paired bins as one.
   config.model.cnm_original = "raw"  # L_cnm's original: raw (pooled map) | batch_standardized (nuances' space).
   config.model.pretrained = ""  # torchvision-layout ResNet weights (.npz/.safetensors/.pth); "none" or "" = random init.
   config.model.require_pretrained = False  # a fresh run needs model.pretrained (a path, or "none" said explicitly).

@@ -160,14 +160,16 @@ def _tuples(obj: Any) -> Any:
 
 # Fields added after runs were written without them, whose behaviour before was not today's default: a stored
 # config lacking one gets this value (what those runs did), not the default.
+# The reference reading of FDNM's numerics (the paper's formulas as the public PyTorch code computes them): ANM's
+# one BatchNorm called per branch, exact phases, each spectrum bin on its own, L_cnm on the raw pooled original.
+# The defaults differ (configs/default.py says why); these fields select the reference again.
+REFERENCE_READING = {"anm_bn": "reference", "anm_inorm_stats": "instance", "phase_guard": "exact",
+                     "conjugate_pairs": False, "cnm_original": "raw"}
+
 LEGACY_VALUES = {
     ("input", "resize"): "tf_bilinear",  # the only resize before config.input.resize existed.
     # Before these fields existed the model was the reference reading (issue 19).
-    ("model", "anm_bn"): "reference",
-    ("model", "anm_inorm_stats"): "instance",
-    ("model", "phase_guard"): "exact",
-    ("model", "conjugate_pairs"): False,
-    ("model", "cnm_original"): "raw",
+    **{("model", field): value for field, value in REFERENCE_READING.items()},
 }
 
 

@@ -13,7 +13,7 @@ import torch
 from flax import traverse_util
 
 from benchmarks import torch_fdnm
-from fdnm_jax import losses, optim, train
+from fdnm_jax import losses, optim, run_config, train
 from fdnm_jax.models.fdnm import fdnm_from_config
 from tests.configs import tiny
 
@@ -25,6 +25,7 @@ def _config(variant: str):
   config.schedule.warmup_epochs = 0  # lr factor 1 at step 0, as the torch step (no schedule)
   config.schedule.decay_epochs = ()
   config.loss.ortho_weight = 0.01
+  config.model.update(run_config.REFERENCE_READING)  # what the PyTorch reference computes.
   # 64 x 32 images: layer4 maps of 4 x 2 (at 32 x 16 ANM's instance norm sees 2 x 1 bins, whose near-zero
   # variance amplifies float32 rounding past 1e-4).
   config.input.height, config.input.width = 64, 32
