@@ -26,7 +26,6 @@ NUMERICS_ROWS = {
     "full_inorm_exclude_dc": {"anm_inorm_stats": "exclude_dc"},
     "full_anm_bn_reference": {"anm_bn": "reference"},
     "full_anm_bn_joint": {"anm_bn": "joint"},
-    "full_anm_bn_per_branch": {"anm_bn": "per_branch"},
     "full_anm_bn_none": {"anm_bn": "none"},
 }
 
