@@ -11,8 +11,9 @@ Phases of noise bins (`phase_guard`, `conjugate_pairs`; spectral.guarded_polar).
 amplitude of its normalised amplitude mix whatever |X| was, with the phase of X. Where |X| is float rounding
 noise (a map constant along an axis has such bins), that phase is noise, so with the spec's exact phase
 ("exact") the outputs depend on how the transform was computed: `jnp.fft` vs the DFT products of
-`spectral_transform="dft_matmul"`, CPU type, device count, JAX vs PyTorch. The default "exact" reproduces the
-spec (and old checkpoints' function) bit for bit; "floor" makes them agree. Measured (post-ReLU, structured
+`spectral_transform="dft_matmul"`, CPU type, device count, JAX vs PyTorch. The modules' default "exact" reproduces
+the spec (and old checkpoints' function) bit for bit; "floor" makes them agree, and is the config default
+(configs/default.py: phase_guard="floor", phase_floor=1e-4, conjugate_pairs=True). Measured (post-ReLU, structured
 and N(0, 1) maps, 4 x 32 channels, ANM at 18x9 / 24x9 in train mode): ANM's fft vs dft_matmul max difference
 6.4 (post-ReLU) / 11 (structured) with "exact", 1.7 / 3.3 "reference", 3e-2..3e-4 "soft" (eps 1e-4..1e-2),
 1.2e-5 / 1.7e-5 (outputs of scale ~10) with "floor" at 1e-5, 1e-4 and 1e-3; against the float64 spec the floor
