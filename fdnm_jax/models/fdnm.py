@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fdnm_jax import run_config
 from fdnm_jax.errors import ConfigError
 from fdnm_jax.models import frequency
 from fdnm_jax.models import resnet
@@ -264,10 +265,9 @@ class FDNM(nn.Module):
     global_feats, part_feats = self.pool_entries(branches)
     entries, normed, logits = self.head(global_feats, part_feats, train)
     batch, dim = global_feats[0].shape
-    pooled_original = _pool(original)
     return {
-        "global": pooled_original,
-        "cnm_original": pooled_original if self.cnm_original == "raw" else self.cnm_original_features(original),
+        "global": _pool(original),
+        "cnm_original": self.cnm_original_features(original),
         "nuances": (jnp.stack([_pool(m) for m in nuance_maps]) if nuance_maps
                     else jnp.zeros((0, batch, dim), jnp.float32)),
         "features": jnp.stack(entries),
@@ -307,13 +307,9 @@ def fdnm_from_config(model_config: ml_collections.ConfigDict, num_classes: int) 
       bn_momentum=model_config.bn_momentum,
       # config.json files written before the field existed have no spectral_transform.
       spectral_transform=model_config.get("spectral_transform", "fft"),
-      anm_bn=model_config.get("anm_bn", "reference"),
-      anm_inorm_stats=model_config.get("anm_inorm_stats", "instance"),
-      phase_guard=model_config.get("phase_guard", "exact"),
       phase_floor=model_config.get("phase_floor", FDNM.phase_floor),
       phase_soft_eps=model_config.get("phase_soft_eps", FDNM.phase_soft_eps),
-      conjugate_pairs=model_config.get("conjugate_pairs", False),
-      cnm_original=model_config.get("cnm_original", "raw"),
+      **{field: model_config.get(field, value) for field, value in run_config.REFERENCE_READING.items()},
   )
   model._validate()
   return model
