@@ -29,7 +29,7 @@ where a lobed filter's first pass overshoots 0..255 and is clipped (sharp edges)
 """
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import tensorflow as tf
 
@@ -128,7 +128,44 @@ def pil_resize_weights(in_size: Any, out_size: int, method: str) -> tf.Tensor:
   return tf.scatter_nd(coordinates, tf.reshape(taps, [-1]), tf.stack([out_size, tf.cast(in_size, tf.int32)]))
 
 
-def resize(image: tf.Tensor, height: int, width: int, method: str = DEFAULT_RESIZE) -> tf.Tensor:
+class ResizeWeights:
+  """`pil_resize_weights` computed once, outside any image's graph, for the input sizes a data set is known to have.
+
+  `resize` builds an axis's weights per image (the input size is only known at run time), about 25 small ops per
+  axis: at small network inputs that is most of the train stream's CPU time (docs/benchmarks.md). With this table,
+  an image whose axis has one of the listed sizes takes the stored matrix (the same ops run once, eagerly, on the
+  same CPU kernels: bit-identical weights); any other size computes its own, as without the table.
+
+  Args:
+    in_heights, in_widths: input sizes (pixels) to precompute, e.g. those of a set's first images.
+    height, width: the output size.
+    method: a PIL filter name of RESIZE_METHODS ("tf_bilinear" needs no weights: the table stays empty).
+  """
+
+  def __init__(self, in_heights, in_widths, height: int, width: int, method: str):
+    check_resize_method(method)
+    self.height, self.width, self.method = int(height), int(width), method
+    pil = method in PIL_FILTERS
+    self.rows = {int(n): pil_resize_weights(int(n), self.height, method) for n in set(in_heights)} if pil else {}
+    self.cols = {int(n): pil_resize_weights(int(n), self.width, method) for n in set(in_widths)} if pil else {}
+
+  def matches(self, height: int, width: int, method: str) -> bool:
+    return (height, width, method) == (self.height, self.width, self.method)
+
+
+def _axis_weights(in_size: tf.Tensor, out_size: int, method: str, known: dict) -> tf.Tensor:
+  """`pil_resize_weights(in_size, out_size, method)`, taken from `known` {in_size: matrix} when it is there."""
+  def compute():
+    return pil_resize_weights(in_size, out_size, method)
+  weights = compute
+  for n, matrix in sorted(known.items()):
+    weights = (lambda n=n, matrix=matrix, other=weights:
+               tf.cond(tf.equal(in_size, n), lambda: tf.identity(matrix), other))
+  return weights()
+
+
+def resize(image: tf.Tensor, height: int, width: int, method: str = DEFAULT_RESIZE,
+           weights: Optional[ResizeWeights] = None) -> tf.Tensor:
   """Resizes [h, w, C] (uint8, or float in 0..255 pixel units) to float32 [height, width, C], 0..255 units.
 
   method (config.input.resize): "pil_lanczos" | "pil_bicubic" | "pil_bilinear" = PIL's `Image.resize` with that
@@ -137,20 +174,25 @@ def resize(image: tf.Tensor, height: int, width: int, method: str = DEFAULT_RESI
   `pil_resize_band`: cheap next to the products, which TensorFlow runs faster than a gather of the band); a pass
   whose size does not change is skipped (as in PIL; its weights are the identity anyway). "tf_bilinear" =
   `tf.image.resize` bilinear with half-pixel centres and no antialiasing (the project's resize before PIL's), not
-  clipped. A same-size resize returns the image unchanged.
+  clipped. A same-size resize returns the image unchanged. `weights` (a `ResizeWeights` for this height, width
+  and method) supplies the matrices of the input sizes it holds; the result is the same.
   """
   check_resize_method(method)
   x = tf.cast(image, tf.float32)
   if method == "tf_bilinear":
     return tf.image.resize(x, (height, width), method="bilinear", antialias=False)
+  if weights is not None and not weights.matches(height, width, method):
+    raise ValueError(f"resize: weights for {weights.height}x{weights.width} {weights.method}, asked for "
+                     f"{height}x{width} {method}")
+  known_rows, known_cols = (weights.rows, weights.cols) if weights is not None else ({}, {})
   in_h, in_w = x.shape[0], x.shape[1]
   size = tf.shape(x)
   x = tf.transpose(x, [2, 0, 1])  # [C, h, w]: both passes are plain (broadcast) matrix products.
   if in_w is None or in_w != width:
-    x = tf.matmul(x, pil_resize_weights(size[1], width, method), transpose_b=True)
+    x = tf.matmul(x, _axis_weights(size[1], width, method, known_cols), transpose_b=True)
     x = tf.clip_by_value(x, 0.0, 255.0)
   if in_h is None or in_h != height:
-    x = tf.matmul(pil_resize_weights(size[0], height, method), x)
+    x = tf.matmul(_axis_weights(size[0], height, method, known_rows), x)
     x = tf.clip_by_value(x, 0.0, 255.0)
   return tf.transpose(x, [1, 2, 0])
 
@@ -253,7 +295,8 @@ def channel_augmentation(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return tf.where(choice < 3, picked, image)
 
 
-def train_transform(image: tf.Tensor, seed: tf.Tensor, input_config: Any) -> tf.Tensor:
+def train_transform(image: tf.Tensor, seed: tf.Tensor, input_config: Any,
+                    weights: Optional[ResizeWeights] = None) -> tf.Tensor:
   """The training augmentation of one decoded image (recipe in the module docstring).
 
   Args:
@@ -262,12 +305,13 @@ def train_transform(image: tf.Tensor, seed: tf.Tensor, input_config: Any) -> tf.
     input_config: `config.input` (height, width, resize, pad, flip, random_grayscale, random_erasing,
       erasing_area, erasing_min_aspect, channel_aug); a switched-off op consumes no randomness, and the
       others' randomness does not depend on which ops are on.
+    weights: precomputed resize weights (`ResizeWeights`), or None.
   Returns:
     float32 [height, width, 3], normalised.
   """
   c = input_config
   seeds = tf.random.experimental.stateless_split(seed, NUM_TRAIN_SEEDS)
-  x = resize(image, c.height, c.width, c.resize) / 255.0
+  x = resize(image, c.height, c.width, c.resize, weights) / 255.0
   # DEEN pads, grays, then crops; graying is per pixel and keeps the zero padding zero, so graying first
   # and then padding and cropping gives the same image.
   x = random_grayscale(x, c.random_grayscale, seeds[1])
@@ -281,7 +325,8 @@ def train_transform(image: tf.Tensor, seed: tf.Tensor, input_config: Any) -> tf.
   return tf.ensure_shape(x, (c.height, c.width, 3))
 
 
-def eval_transform(image: tf.Tensor, height: int, width: int, method: str = DEFAULT_RESIZE) -> tf.Tensor:
-  """uint8 [h, w, 3] -> float32 [height, width, 3]: resize (`method` = config.input.resize, as in training),
-  normalise."""
-  return normalize(resize(image, height, width, method) / 255.0)
+def eval_transform(image: tf.Tensor, height: int, width: int, method: str = DEFAULT_RESIZE,
+                   weights: Optional[ResizeWeights] = None) -> tf.Tensor:
+  """uint8 [h, w, 3] -> float32 [height, width, 3]: resize (`method` = config.input.resize, as in training;
+  `weights` as in `resize`), normalise."""
+  return normalize(resize(image, height, width, method, weights) / 255.0)

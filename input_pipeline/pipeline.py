@@ -88,6 +88,43 @@ def check_image(path: str) -> None:
                            "list files.") from None
 
 
+def first_image_sizes(image_sets: Sequence[ImageSet]) -> list[tuple[int, int]]:
+  """The (height, width) of the first image of each non-empty set, for `augment.ResizeWeights`.
+
+  A data set's images mostly share a few sizes (a camera's, a modality's), so these are the sizes worth
+  precomputing. An image that cannot be read is left out here: the stream names it when it reaches it.
+  """
+  sizes = []
+  for image_set in image_sets:
+    if not len(image_set):
+      continue
+    try:
+      data = (tf.constant(image_set.encoded[0]) if image_set.encoded is not None
+              else tf.io.read_file(image_set.paths[0]))
+      shape = decode_bytes(data).shape
+    except (tf.errors.OpError, ValueError):
+      continue
+    sizes.append((int(shape[0]), int(shape[1])))
+  return sizes
+
+
+def resize_weights(image_sets: Sequence[ImageSet], input_config: Any) -> augment.ResizeWeights:
+  """`augment.ResizeWeights` for the first image sizes of `image_sets` (`first_image_sizes`) at the input size."""
+  sizes = first_image_sizes(image_sets)
+  return augment.ResizeWeights([h for h, _ in sizes], [w for _, w in sizes], input_config.height,
+                               input_config.width, input_config.resize)
+
+
+def _graph_function(fn):
+  """`fn` for tf.data to trace as it is written, without AutoGraph's source conversion.
+
+  The transforms use tf.cond / tf.where for data-dependent choices and Python `if` only on static values (config
+  fields, static shapes), so AutoGraph would change nothing; converting them cost about 1-3 s of every process
+  that builds a pipeline (docs/benchmarks.md).
+  """
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
 def train_batches(visible: ImageSet, infrared: ImageSet, input_config: Any, *, seed: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, Any]]:
   """The endless training stream, batch `start_step` first.
@@ -136,6 +173,7 @@ def train_batches(visible: ImageSet, infrared: ImageSet, input_config: Any, *, s
     return np.concatenate([vis[lo:lo + local], ir[lo:lo + local] + offset])
 
   read_bytes = _byte_source((visible, infrared))
+  weights = resize_weights((visible, infrared), c)
   classes_t = tf.constant(classes, tf.int32)
   positions_t = tf.constant(positions, tf.int64)
 
@@ -147,11 +185,11 @@ def train_batches(visible: ImageSet, infrared: ImageSet, input_config: Any, *, s
   def per_image(file, position, step):
     key = tf.stack([tf.constant(seed, tf.int64), step])
     image_seed = tf.random.experimental.stateless_fold_in(key, position)
-    image = augment.train_transform(decode_bytes(read_bytes(file)), image_seed, c)
+    image = augment.train_transform(decode_bytes(read_bytes(file)), image_seed, c, weights)
     return image, tf.gather(classes_t, file), step
 
-  ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max).flat_map(step_files)
-  ds = ds.map(per_image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max).flat_map(_graph_function(step_files))
+  ds = ds.map(_graph_function(per_image), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(2 * local, drop_remainder=True).prefetch(max(int(c.prefetch), 0) or 1)
 
   def stream():
@@ -204,14 +242,15 @@ def eval_batches(image_set: ImageSet, input_config: Any, batch_size: int, *, pro
   paths = image_set.paths
   read_bytes = _byte_source((image_set,))
   height, width = int(c.height), int(c.width)
+  weights = resize_weights((image_set,), c)
 
   def per_image(i):
     def load():
-      return augment.eval_transform(decode_bytes(read_bytes(tf.maximum(i, 0))), height, width, c.resize)
+      return augment.eval_transform(decode_bytes(read_bytes(tf.maximum(i, 0))), height, width, c.resize, weights)
     return tf.cond(i >= 0, load, lambda: tf.zeros([height, width, 3], tf.float32)), i
 
   ds = tf.data.Dataset.from_tensor_slices(index)
-  ds = ds.map(per_image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(_graph_function(per_image), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local).prefetch(max(int(c.prefetch), 0) or 1)
 
   def stream():

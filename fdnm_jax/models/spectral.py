@@ -206,36 +206,41 @@ def _mirror_rows(a: jax.Array) -> jax.Array:
   return jnp.roll(jnp.flip(a, axis=1), 1, axis=1)
 
 
+def _self_conjugate_mask(height: int, width: int, rows: str) -> np.ndarray:
+  """bool [1, H, K, 1]: the bins of the self-conjugate columns, all rows ("all") or the mirrored rows -u of the
+  pairs, u > H/2 ("mirrored")."""
+  k_count = width // 2 + 1
+  row_mask = np.ones(height, bool) if rows == "all" else np.arange(height) > height / 2
+  col_mask = np.zeros(k_count, bool)
+  col_mask[list(self_conjugate_columns(width))] = True
+  return (row_mask[:, None] & col_mask[None, :])[None, :, :, None]
+
+
 def _hermitian_columns(re: jax.Array, im: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
   """Projects the self-conjugate columns of a half spectrum [B, H, K, C] onto their Hermitian part.
 
   X'(u, k) = (X(u, k) + conj X(-u, k)) / 2 for k in `self_conjugate_columns(width)`: the part of the column
   that numpy's irfft2 (and `dft_irfft2`) reads; the rest is rounding noise for a real map's spectrum. Pairs
   become exact conjugates (bitwise: the sums commute) and the self-conjugate bins (u = 0, and u = H/2 for
-  even H) exactly real with imaginary part +0.
+  even H) exactly real with imaginary part +0. (Whole-array `where`s with a static mask: one select per part
+  instead of a scatter per column.)
   """
-  for k in self_conjugate_columns(width):
-    col_re, col_im = re[:, :, k], im[:, :, k]
-    re = re.at[:, :, k].set(0.5 * (col_re + _mirror_rows(col_re)))
-    im = im.at[:, :, k].set(0.5 * (col_im - _mirror_rows(col_im)))
+  mask = jnp.asarray(_self_conjugate_mask(re.shape[1], width, "all"))
+  re = jnp.where(mask, 0.5 * (re + _mirror_rows(re)), re)
+  im = jnp.where(mask, 0.5 * (im - _mirror_rows(im)), im)
   return re, im
 
 
 def _mirror_phases(p: Polar, width: int) -> Polar:
   """In the self-conjugate columns, copies rows u < H/2 onto rows -u (phase, phasor and carrier negated
   in their imaginary part), so each conjugate pair has one phase: rows 1 .. ceil(H/2) - 1 are the masters."""
-  height = p.amplitude.shape[1]
-  mirror = (np.arange(height) > height / 2)[None, :, None]  # rows -u of the pairs, [1, H, 1]
+  mirror = jnp.asarray(_self_conjugate_mask(p.amplitude.shape[1], width, "mirrored"))
   fields = {}
   for name, value in p._asdict().items():
-    sign = -1.0 if name in ("phase", "phasor_im", "carrier_im") else 1.0
-    for k in self_conjugate_columns(width):
-      col = value[:, :, k]
-      mirrored = _mirror_rows(col)
-      if name != "valid":
-        mirrored = sign * mirrored
-      value = value.at[:, :, k].set(jnp.where(mirror, mirrored, col))
-    fields[name] = value
+    mirrored = _mirror_rows(value)
+    if name in ("phase", "phasor_im", "carrier_im"):
+      mirrored = -mirrored
+    fields[name] = jnp.where(mirror, mirrored, value)
   return Polar(**fields)
 
 

@@ -175,6 +175,25 @@ def test_pil_resize_of_the_same_size_and_on_unknown_shapes():
   assert fn(tf.constant(image[:30])).numpy().shape == (64, 32, 3)
 
 
+@pytest.mark.parametrize("method", ["pil_lanczos", "pil_bicubic", "pil_bilinear", "tf_bilinear"])
+def test_precomputed_resize_weights_give_the_same_pixels_for_listed_and_other_sizes(method):
+  """`ResizeWeights` only moves the weights' computation out of the per-image graph: inside tf.data (unknown
+  shapes), an image of a listed size and one of another size come out bit-identical to the plain resize."""
+  weights = augment.ResizeWeights([96], [48], 64, 32, method)
+  spec = [tf.TensorSpec([None, None, 3], tf.uint8)]
+  plain = tf.function(lambda x: augment.resize(x, 64, 32, method), input_signature=spec)
+  hinted = tf.function(lambda x: augment.resize(x, 64, 32, method, weights), input_signature=spec)
+  for size in ((96, 48), (96, 40), (80, 48), (120, 60)):
+    image = tf.constant(_crop_like(*size, seed=sum(size)))
+    np.testing.assert_array_equal(hinted(image).numpy(), plain(image).numpy(), err_msg=str(size))
+  if method != "tf_bilinear":
+    graph_weights = tf.function(lambda n: augment.pil_resize_weights(n, 32, method),
+                                input_signature=[tf.TensorSpec([], tf.int32)])
+    np.testing.assert_array_equal(weights.cols[48].numpy(), graph_weights(tf.constant(48)).numpy())
+  with pytest.raises(ValueError, match="weights for 64x32"):
+    augment.resize(tf.constant(IMAGE), 32, 16, method, weights)
+
+
 def test_unknown_resize_method_names_the_field():
   with pytest.raises(ConfigError, match=r"config.input.resize='area'.*pil_lanczos"):
     augment.resize(tf.constant(IMAGE), 4, 4, "area")
