@@ -178,12 +178,12 @@ def resize(image: tf.Tensor, height: int, width: int, method: str = DEFAULT_RESI
   and method) supplies the matrices of the input sizes it holds; the result is the same.
   """
   check_resize_method(method)
-  x = tf.cast(image, tf.float32)
-  if method == "tf_bilinear":
-    return tf.image.resize(x, (height, width), method="bilinear", antialias=False)
   if weights is not None and not weights.matches(height, width, method):
     raise ValueError(f"resize: weights for {weights.height}x{weights.width} {weights.method}, asked for "
                      f"{height}x{width} {method}")
+  x = tf.cast(image, tf.float32)
+  if method == "tf_bilinear":
+    return tf.image.resize(x, (height, width), method="bilinear", antialias=False)
   known_rows, known_cols = (weights.rows, weights.cols) if weights is not None else ({}, {})
   in_h, in_w = x.shape[0], x.shape[1]
   size = tf.shape(x)

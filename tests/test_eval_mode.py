@@ -21,6 +21,10 @@ from fdnm_jax.evaluation import protocols
 from tests import subprocesses
 from tests.configs import tiny
 
+# Under `--dist loadgroup` (.ci/run) this module stays on one xdist worker, so its module fixtures (trained
+# runs) are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIRECTIONS = ("visible_to_infrared", "infrared_to_visible")
 

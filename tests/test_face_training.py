@@ -18,6 +18,10 @@ from launch import ablate
 from tests.configs import tiny
 from tests.input_pipeline.test_casia_nir_vis import FOLDS, make_casia_tree
 
+# Under `--dist loadgroup` (.ci/run) this module stays on one xdist worker, so its module fixtures (trained
+# runs) are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 def face_config(root, row="full"):
   """The ablation row `row` on casia_nir_vis at the tiny config's size and schedule (4 steps, 32 x 32)."""

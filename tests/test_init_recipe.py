@@ -22,6 +22,10 @@ from input_pipeline.datasets import synthetic
 from tests import subprocesses
 from tests.input_pipeline import test_llcm, test_sysu
 
+# Under `--dist loadgroup` (.ci/run) this module stays on one xdist worker, so its module fixtures (trained
+# runs) are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 CONFIGS = {"sysu": sysu, "regdb": regdb, "llcm": llcm}
 # Tiny overrides: 2 steps of P=2 x K=2 at 32 x 16 on the tiny ResNet (the fixture trees have 3 training ids).
 TINY = {"input.height": 32, "input.width": 16, "input.pad": 2, "input.num_ids_per_batch": 2,

@@ -11,6 +11,10 @@ from fdnm_jax import sharding, train
 from input_pipeline import pipeline
 from tests.configs import tiny_fdnm
 
+# Under `--dist loadgroup` (.ci/run) this module stays on one xdist worker, so its module fixtures (trained
+# runs) are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 STEPS = 3
 KEYS = ("visible", "infrared", "visible_labels", "infrared_labels")
 

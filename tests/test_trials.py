@@ -15,6 +15,10 @@ from input_pipeline.datasets import synthetic
 from launch import trials
 from tests import subprocesses
 
+# Under `--dist loadgroup` (.ci/run) this module stays on one xdist worker, so its module fixtures (trained
+# runs) are built once, not once per worker.
+pytestmark = pytest.mark.xdist_group(__name__)
+
 # tests/input_pipeline/test_tfds_builders.py's tiny model and batch, one step per trial.
 TINY = ("input.height=32", "input.width=16", "input.pad=2", "input.num_ids_per_batch=2", "input.num_instances=2",
         "input.eval_batch_size=16", "model.stage_sizes=(1,1,1,1)", "model.width=8", "schedule.num_epochs=1",
