@@ -88,31 +88,22 @@ def check_image(path: str) -> None:
                            "list files.") from None
 
 
-def first_image_sizes(image_sets: Sequence[ImageSet]) -> list[tuple[int, int]]:
-  """The (height, width) of the first image of each non-empty set, for `augment.ResizeWeights`.
+def resize_weights(read_bytes, first_images: Sequence[int], input_config: Any) -> augment.ResizeWeights:
+  """`augment.ResizeWeights` at the input size for the sizes of images `first_images` of a `_byte_source`.
 
-  A data set's images mostly share a few sizes (a camera's, a modality's), so these are the sizes worth
-  precomputing. An image that cannot be read is left out here: the stream names it when it reaches it.
+  A data set's images mostly share a few sizes (a camera's, a modality's), so the first image of each set gives
+  the sizes worth precomputing. An image that cannot be read is left out here: the stream names it when it
+  reaches it.
   """
-  sizes = []
-  for image_set in image_sets:
-    if not len(image_set):
-      continue
+  heights, widths = [], []
+  for i in first_images:
     try:
-      data = (tf.constant(image_set.encoded[0]) if image_set.encoded is not None
-              else tf.io.read_file(image_set.paths[0]))
-      shape = decode_bytes(data).shape
+      shape = decode_bytes(read_bytes(tf.constant(i, tf.int64))).shape
     except (tf.errors.OpError, ValueError):
       continue
-    sizes.append((int(shape[0]), int(shape[1])))
-  return sizes
-
-
-def resize_weights(image_sets: Sequence[ImageSet], input_config: Any) -> augment.ResizeWeights:
-  """`augment.ResizeWeights` for the first image sizes of `image_sets` (`first_image_sizes`) at the input size."""
-  sizes = first_image_sizes(image_sets)
-  return augment.ResizeWeights([h for h, _ in sizes], [w for _, w in sizes], input_config.height,
-                               input_config.width, input_config.resize)
+    heights.append(int(shape[0]))
+    widths.append(int(shape[1]))
+  return augment.ResizeWeights(heights, widths, input_config.height, input_config.width, input_config.resize)
 
 
 def _graph_function(fn):
@@ -173,7 +164,7 @@ def train_batches(visible: ImageSet, infrared: ImageSet, input_config: Any, *, s
     return np.concatenate([vis[lo:lo + local], ir[lo:lo + local] + offset])
 
   read_bytes = _byte_source((visible, infrared))
-  weights = resize_weights((visible, infrared), c)
+  weights = resize_weights(read_bytes, [i for i, n in ((0, len(visible)), (offset, len(infrared))) if n], c)
   classes_t = tf.constant(classes, tf.int32)
   positions_t = tf.constant(positions, tf.int64)
 
@@ -242,7 +233,7 @@ def eval_batches(image_set: ImageSet, input_config: Any, batch_size: int, *, pro
   paths = image_set.paths
   read_bytes = _byte_source((image_set,))
   height, width = int(c.height), int(c.width)
-  weights = resize_weights((image_set,), c)
+  weights = resize_weights(read_bytes, [0] if n else [], c)
 
   def per_image(i):
     def load():
