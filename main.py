@@ -142,7 +142,8 @@ def _line_in(error: BaseException, path: str) -> Optional[int]:
 
 
 def _hide_accelerators_from_tf() -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from fdnm_jax import tensorflow_import  # pylint: disable=g-import-not-at-top
+  tf = tensorflow_import.load()  # the first import of TensorFlow: without its eager Keras import (1.7 s).
   tf.config.set_visible_devices([], "GPU")
 
 

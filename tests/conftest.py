@@ -7,6 +7,12 @@
   child process a test starts (tests/subprocesses.py keeps the environment), and removed when the session ends.
   Identical programs (the tiny model's train step, its embedding function) then compile once per session instead
   of once per process. A JAX_COMPILATION_CACHE_DIR set by the caller is used as it is and kept.
+- TensorFlow imported as main.py imports it, without its eager Keras import (fdnm_jax/tensorflow_import.py).
+- One session folder (FDNM_TEST_SESSION_DIR, made and removed like the cache folder) for the runs that
+  tests/shared_runs.py trains once per session; the `tiny_run` fixture is the finished tiny run.
+- Under `--dist loadgroup` (.ci/run, the README), every module marked `xdist_group` must really be grouped (its
+  module fixtures, trained runs, built once on one worker): a pytest/pytest-xdist pair whose grouping silently does
+  nothing (pytest 9 with xdist 3.8.0) stops the session with the fix instead of doubling those fixtures' time.
 - XLA's cheap compile mode (JAX_DISABLE_MOST_OPTIMIZATIONS=1) for the whole session, children included: the tests'
   models are tiny, so compilation, not execution, is most of a test's time, and this mode compiles the tiny
   model's train step in about 60 % of the CPU time (docs/benchmarks.md). It changes float rounding (fewer fusions),
@@ -19,7 +25,9 @@ import os
 import shutil
 import tempfile
 
+import pytest
 from fdnm_jax import platform
+from tests import shared_runs
 
 platform.configure_xla_flags()
 
@@ -27,13 +35,61 @@ _OWN_CACHE_ENV = "FDNM_TEST_SESSION_CACHE"  # set when this session made the cac
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fdnm_jax_compile_cache_")
   os.environ[_OWN_CACHE_ENV] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+# The session's own folder (tests/shared_runs.py: runs trained once per session), made like the cache folder.
+_OWN_SESSION_DIR_ENV = "FDNM_TEST_OWN_SESSION_DIR"
+if not os.environ.get(shared_runs.SESSION_DIR_ENV):
+  os.environ[shared_runs.SESSION_DIR_ENV] = os.environ[_OWN_SESSION_DIR_ENV] = tempfile.mkdtemp(prefix="fdnm_tests_")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # Cache every compiled program, also the quick ones (the defaults skip programs compiled in under a second).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+def pytest_configure(config):
+  """Test processes (an xdist worker, or the only process without -n) import TensorFlow as main.py does
+  (fdnm_jax/tensorflow_import.py: without its eager Keras import); the xdist controller imports none of it."""
+  if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as main.py.
+    from fdnm_jax import tensorflow_import  # pylint: disable=g-import-not-at-top
+    # TensorFlow's C++ start-up lines (oneDNN, absl) go to fd 2 whatever TF_CPP_MIN_LOG_LEVEL says, and here, before
+    # pytest captures output, they would print once per worker; an import error still raises (and prints) after.
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+      tensorflow_import.load()
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      os.close(devnull)
+
+
 def pytest_unconfigure(config):
-  """The controller (not an xdist worker) removes the cache folder it made."""
+  """The controller (not an xdist worker) removes the cache and session folders it made."""
+  if hasattr(config, "workerinput"):
+    return
   own = os.environ.get(_OWN_CACHE_ENV)
-  if own and not hasattr(config, "workerinput") and own == os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  if own and own == os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     shutil.rmtree(own, ignore_errors=True)
+  own = os.environ.get(_OWN_SESSION_DIR_ENV)
+  if own and own == os.environ.get(shared_runs.SESSION_DIR_ENV):
+    shutil.rmtree(own, ignore_errors=True)
+
+
+@pytest.fixture
+def tiny_run() -> tuple[str, dict]:
+  """(workdir, the report train_and_evaluate returned) of a finished run of tests/configs/tiny.py (4 steps, checkpoints 2 and 4, results/tiny.json), trained once per
+  test session (tests/shared_runs.py) and checked unchanged before each test: read it, or copy it to change it."""
+  return shared_runs.tiny()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """On an xdist worker under --dist loadgroup (after xdist has named the groups): every item marked xdist_group
+  carries its group in its node id, or grouping is broken and the session stops naming the fix."""
+  if not (hasattr(config, "workerinput") and config.getvalue("loadgroup")):
+    return
+  ungrouped = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+  if ungrouped:
+    raise pytest.UsageError(
+        f"--dist loadgroup did not group {len(ungrouped)} tests marked xdist_group (e.g. {ungrouped[0]}): this "
+        "pytest / pytest-xdist pair does not support it; install the pinned versions: pip install -r "
+        "requirements-dev.txt")

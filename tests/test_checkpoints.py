@@ -451,11 +451,11 @@ def _final_metrics(report):
   return {(d, k): v for d, r in report["settings"].items() for k, v in r.items() if not isinstance(v, list)}
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """One uninterrupted in-process run of the tiny config (4 steps, checkpoints at 2 and 4)."""
-  workdir = str(tmp_path_factory.mktemp("reference") / "run")
-  return workdir, train.train_and_evaluate(tiny.get_config(), workdir)
+@pytest.fixture
+def reference(tiny_run):
+  """One uninterrupted in-process run of the tiny config (4 steps, checkpoints at 2 and 4): the session's
+  (tests/shared_runs.py); copy it to change it."""
+  return tiny_run
 
 
 def _assert_same_final_numbers(got, want):
@@ -519,12 +519,13 @@ def _limit_writes(pid, path, mounted):
 
 
 @pytest.mark.slow
-def test_main_on_a_full_disk_ends_in_one_line_and_a_resume_matches_an_uninterrupted_run(reference, small_disk):
+def test_main_on_a_full_disk_ends_in_one_line_and_a_resume_matches_an_uninterrupted_run(reference, small_disk,
+                                                                                         tmp_path):
   path, mounted = small_disk
   if mounted:  # the 4 MiB default holds one tiny checkpoint and little more; give the run room for two.
     _umount(path)
     assert _mount_tmpfs(path, "16m")
-  workdir, data = os.path.join(path, "run"), str(os.path.join(os.path.dirname(reference[0]), "synthetic_full"))
+  workdir, data = os.path.join(path, "run"), str(tmp_path / "synthetic_full")  # the data off the small disk.
   overrides = (f"--config.data.root={data}", "--config.evals.every_steps=2")
   cmd = [sys.executable, subprocesses.MAIN, f"--config={subprocesses.TINY}", f"--workdir={workdir}", *overrides]
   proc = subprocess.Popen(cmd, cwd=subprocesses.REPO, env=subprocesses.env(devices=1), stdout=subprocess.PIPE,

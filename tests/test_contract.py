@@ -25,12 +25,11 @@ TINY = subprocesses.TINY
 HEAVY = ("jax", "flax", "tensorflow", "orbax")
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  """A finished tiny run (checkpoints 2 and 4, results/tiny.json): read only; copy it to change it."""
-  workdir = str(tmp_path_factory.mktemp("finished") / "run")
-  train.train_and_evaluate(tiny.get_config(), workdir)
-  return workdir
+@pytest.fixture
+def finished(tiny_run):
+  """A finished tiny run (checkpoints 2 and 4, results/tiny.json), the session's (tests/shared_runs.py): read only;
+  copy it to change it."""
+  return tiny_run[0]
 
 
 @pytest.fixture(scope="module")

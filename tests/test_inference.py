@@ -1,16 +1,13 @@
 """Feature extraction end to end on the tiny synthetic run: files, index rows, and equality with the evaluator.
 
-`trained_workdir()` trains the tiny config once per test process (4 steps, ~25 s on 2 cores); test_visualize.py
-reuses it.
+`trained_workdir()` is the session's finished tiny run (tests/shared_runs.py: trained once per test session, 4
+steps); test_visualize.py reuses it.
 """
 
-import atexit
 import functools
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -18,19 +15,15 @@ import pytest
 from configs import default
 from fdnm_jax import checkpoints, inference, sharding, train
 from fdnm_jax.evaluation import evaluator
-from tests import subprocesses
+from tests import shared_runs, subprocesses
 from tests.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@functools.lru_cache(maxsize=None)
 def trained_workdir() -> str:
-  """A tiny run trained to its final step 4 (checkpoints at 2 and 4), shared by this process's tests."""
-  workdir = tempfile.mkdtemp(prefix="fdnm_tiny_inference_")
-  atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-  train.train_and_evaluate(tiny.get_config(), workdir)
-  return workdir
+  """A tiny run trained to its final step 4 (checkpoints at 2 and 4): the session's, checked unchanged; read only."""
+  return shared_runs.tiny()[0]
 
 
 @functools.lru_cache(maxsize=None)

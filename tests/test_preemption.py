@@ -14,7 +14,6 @@ import pytest
 
 from fdnm_jax import train
 from tests import subprocesses
-from tests.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "tests", "configs", "tiny.py")
@@ -32,9 +31,8 @@ def train_steps(workdir):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_exits_0_and_the_restart_matches_an_uninterrupted_run(tmp_path):
-  reference = str(tmp_path / "reference")
-  train.train_and_evaluate(tiny.get_config(), reference)
+def test_sigterm_saves_the_current_step_exits_0_and_the_restart_matches_an_uninterrupted_run(tiny_run, tmp_path):
+  reference = tiny_run[0]  # the session's uninterrupted tiny run (tests/shared_runs.py).
 
   workdir = str(tmp_path / "preempted")
   env = subprocesses.env(devices=1)

@@ -1,5 +1,6 @@
 """Mesh construction, partition rules and host-to-global batches; 1 vs 8 vs 4x2 devices and an 8-device
-checkpoint restored on 1 device (in one subprocess with 8 fake CPU devices)."""
+checkpoint restored on 1 device, and the full model on 1 vs 4x2 devices (each in a subprocess with 8 fake CPU
+devices)."""
 
 import json
 import os
@@ -114,41 +115,59 @@ def full_model_config():
   return config
 
 
-def _child(workdir):
-  """Runs in a process with 8 CPU devices: 3 steps on each mesh, an 8-device checkpoint restored on 1 device, and
-  the first step of the full model (`full_model_config`) on each mesh."""
-  from fdnm_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
+MESHES = {"1": (1, 1), "8": (8, 1), "4x2": (4, 2)}
+KEYS = ("visible", "infrared", "visible_labels", "infrared_labels")
+
+
+def _mesh(name):
+  data, fsdp = MESHES[name]
+  return sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp}),
+                            devices=jax.devices()[:data * fsdp])
+
+
+def _steps(fns, run, mesh, state, start, n, config, after_step=None):
+  """n train steps of `run` on `mesh` from `state`, batches from `start`; (state, per-step metrics as floats).
+  `after_step(state, losses)` runs after each step."""
+  from fdnm_jax import train  # pylint: disable=g-import-not-at-top
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  if id(run) not in fns:
+    fns[id(run)] = jax.jit(train.make_train_step(run.model, run.tx, config.loss),
+                           in_shardings=(run.state_sharding, sharding.batch_sharding(mesh)),
+                           out_shardings=(run.state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+  fn = fns[id(run)]
+  batches = pipeline.train_batches(run.source.train_visible, run.source.train_infrared, config.input,
+                                   seed=config.seed, start_step=start)
+  losses = []
+  for _ in range(n):
+    state, metrics = fn(state, sharding.host_to_global({k: v for k, v in next(batches).items() if k in KEYS}, mesh))
+    losses.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    if after_step:
+      after_step(state, losses)
+  return state, losses
+
+
+def _child(workdir):
+  """Runs in a process with 8 CPU devices: 3 steps of `non_chaotic_config` on each mesh, and an 8-device checkpoint
+  restored on 1 device."""
+  from fdnm_jax import tensorflow_import  # pylint: disable=g-import-not-at-top
+  tensorflow_import.load()  # as main.py imports it (1.7 s less).
+  from fdnm_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
   config = non_chaotic_config()
   out = {"losses": {}, "specs": {}, "shard_shapes": {}}
   fns = {}
-  keys = ("visible", "infrared", "visible_labels", "infrared_labels")
 
-  def steps(run, mesh, state, start, n, config=config, save=True):
-    if id(run) not in fns:
-      fns[id(run)] = jax.jit(train.make_train_step(run.model, run.tx, config.loss),
-                             in_shardings=(run.state_sharding, sharding.batch_sharding(mesh)),
-                             out_shardings=(run.state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-    fn = fns[id(run)]
-    batches = pipeline.train_batches(run.source.train_visible, run.source.train_infrared, config.input,
-                                     seed=config.seed, start_step=start)
-    losses = []
-    for _ in range(n):
-      state, metrics = fn(state, sharding.host_to_global({k: v for k, v in next(batches).items() if k in keys}, mesh))
-      losses.append({k: float(v) for k, v in jax.device_get(metrics).items()})
-      if save and mesh.size == 8 and mesh.shape["fsdp"] == 1 and len(losses) == 1:  # the 8-device checkpoint.
-        manager = checkpoints.make_manager(workdir + "/ckpt8", config.checkpoint)
-        checkpoints.save(manager, 1, state, force=True)
-        manager.wait_until_finished()
-        manager.close()
-    return state, losses
+  def save_first(state, losses):  # the 8-device checkpoint, after step 1.
+    if len(losses) == 1:
+      manager = checkpoints.make_manager(workdir + "/ckpt8", config.checkpoint)
+      checkpoints.save(manager, 1, state, force=True)
+      manager.wait_until_finished()
+      manager.close()
 
-  meshes = {"1": (1, 1), "8": (8, 1), "4x2": (4, 2)}
-  for name, (data, fsdp) in meshes.items():
-    mesh_config = ml_collections.ConfigDict({"data": data, "fsdp": fsdp})
-    mesh = sharding.make_mesh(mesh_config, devices=jax.devices()[:data * fsdp])
+  for name in MESHES:
+    mesh = _mesh(name)
     run = train.build_run(config, workdir, mesh)
-    state, out["losses"][name] = steps(run, mesh, run.init_state(), 0, 3)
+    state, out["losses"][name] = _steps(fns, run, mesh, run.init_state(), 0, 3, config,
+                                        after_step=save_first if name == "8" else None)
     np.savez(f"{workdir}/params_{name}.npz", **{sharding.path_str(p): np.asarray(x) for p, x in
                                                  jax.tree_util.tree_leaves_with_path(state.params)})
     for p, x in jax.tree_util.tree_leaves_with_path(state):
@@ -161,14 +180,27 @@ def _child(workdir):
   restored, step = checkpoints.restore(manager, run1.abstract_state)
   manager.close()
   out["restored_devices"] = sorted({d.id for x in jax.tree.leaves(restored) for d in x.sharding.device_set})
-  _, out["losses"]["8_to_1"] = steps(run1, mesh1, restored, step, 2)
-  full = full_model_config()
-  out["full_losses"] = {}
-  for name, (data, fsdp) in meshes.items():
-    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": data, "fsdp": fsdp}),
-                              devices=jax.devices()[:data * fsdp])
-    run = train.build_run(full, workdir + "/full", mesh)
-    _, out["full_losses"][name] = steps(run, mesh, run.init_state(), 0, 1, config=full, save=False)
+  _, out["losses"]["8_to_1"] = _steps(fns, run1, mesh1, restored, step, 2, config)
+  with open(f"{workdir}/out.json", "w") as f:
+    json.dump(out, f)
+
+
+# The full model on 1 device and on data=4 x fsdp=2 (the batch split over 4 and the kernels over 2 at once; data=8
+# alone is the non-chaotic run's above, and the full model's through main.py in tests/test_train.py).
+FULL_MODEL_MESHES = ("1", "4x2")
+
+
+def _full_child(workdir):
+  """Runs in a process with 8 CPU devices: the first step of `full_model_config` on each of FULL_MODEL_MESHES."""
+  from fdnm_jax import tensorflow_import  # pylint: disable=g-import-not-at-top
+  tensorflow_import.load()
+  from fdnm_jax import train  # pylint: disable=g-import-not-at-top
+  config = full_model_config()
+  out, fns = {}, {}
+  for name in FULL_MODEL_MESHES:
+    mesh = _mesh(name)
+    run = train.build_run(config, workdir, mesh)
+    _, out[name] = _steps(fns, run, mesh, run.init_state(), 0, 1, config)
   with open(f"{workdir}/out.json", "w") as f:
     json.dump(out, f)
 
@@ -180,19 +212,24 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-@pytest.mark.slow
-def test_one_eight_and_data4_fsdp2_devices_agree_and_an_8_device_checkpoint_continues_on_1(tmp_path):
-  """The full FDNM's first step (`full_model_config`) agrees to 1e-4 relative on 1, 8 and 4x2 devices. Losses of the first 3 steps and the final params agree to 1e-4 relative between 1 device, data=8 and
-  data=4 x fsdp=2 (the setting of `non_chaotic_config` says why these runs can be compared at all); with fsdp=2
-  the kernels of >= 1024 elements and their momentum are split in halves; a checkpoint written on 8 devices
-  after step 1 restores onto 1 device and its steps 2-3 log the 8-device run's losses."""
+def _run_child(function: str, workdir) -> dict:
+  """tests.test_sharding.<function>(workdir) in a process with 8 fake CPU devices; returns its out.json."""
   env = subprocesses.env(8, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-  code = f"from tests import test_sharding; test_sharding._child({str(tmp_path)!r})"
+  code = f"from tests import test_sharding; test_sharding.{function}({str(workdir)!r})"
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  with open(tmp_path / "out.json") as f:
-    out = json.load(f)
+  with open(os.path.join(workdir, "out.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.slow
+def test_one_eight_and_data4_fsdp2_devices_agree_and_an_8_device_checkpoint_continues_on_1(tmp_path):
+  """Losses of the first 3 steps and the final params agree to 1e-4 relative between 1 device, data=8 and
+  data=4 x fsdp=2 (the setting of `non_chaotic_config` says why these runs can be compared at all); with fsdp=2
+  the kernels of >= 1024 elements and their momentum are split in halves; a checkpoint written on 8 devices
+  after step 1 restores onto 1 device and its steps 2-3 log the 8-device run's losses."""
+  out = _run_child("_child", tmp_path)
   losses = out["losses"]
   terms = ("total", "id", "triplet", "grad_norm")
   for name in ("8", "4x2"):
@@ -231,9 +268,14 @@ def test_one_eight_and_data4_fsdp2_devices_agree_and_an_8_device_checkpoint_cont
     for k in terms:
       np.testing.assert_allclose(losses["8_to_1"][step][k], losses["8"][step + 1][k], rtol=1e-4,
                                  err_msg=f"restored step {step + 2}, {k}")
-  # The full FDNM (`full_model_config`): the first step's every loss term and gradient norm.
-  full = out["full_losses"]
-  for name in ("8", "4x2"):
+
+
+@pytest.mark.slow
+def test_the_full_model_first_step_agrees_on_one_and_data4_fsdp2_devices(tmp_path):
+  """The full FDNM's first step (`full_model_config`): every loss term and the gradient norm agree to 1e-4
+  relative on 1 device and on data=4 x fsdp=2 (`FULL_MODEL_MESHES`)."""
+  full = _run_child("_full_child", tmp_path)
+  for name in FULL_MODEL_MESHES[1:]:
     for k in ("total", "id", "triplet", "cnm", "grad_norm", "agp_near_cut"):
       np.testing.assert_allclose(full[name][0][k], full["1"][0][k], rtol=1e-4, err_msg=f"full FDNM, {name}, {k}")
     assert full[name][0]["cnm"] > 0 and full[name][0]["triplet"] > 0

@@ -6,6 +6,7 @@ Each test builds its own workdir under tmp_path; the slow ones run `main.py` in 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,12 +42,10 @@ def final_metrics(workdir, name="tiny"):
   return {(d, k): v for d, r in report["settings"].items() for k, v in r.items() if not isinstance(v, list)}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """One uninterrupted in-process run of the tiny config (4 steps), shared by the tests below."""
-  workdir = str(tmp_path_factory.mktemp("tiny_run"))
-  report = train.train_and_evaluate(tiny.get_config(), workdir)
-  return workdir, report
+@pytest.fixture
+def trained(tiny_run):
+  """One uninterrupted in-process run of the tiny config (4 steps): the session's (tests/shared_runs.py)."""
+  return tiny_run
 
 
 @pytest.mark.slow
@@ -73,8 +72,9 @@ def test_run_writes_config_metrics_checkpoints_and_results(trained):
 
 
 @pytest.mark.slow
-def test_rerun_of_a_finished_workdir_does_not_train_again(trained):
-  workdir, report = trained
+def test_rerun_of_a_finished_workdir_does_not_train_again(trained, tmp_path):
+  workdir, report = str(tmp_path / "run"), trained[1]
+  shutil.copytree(trained[0], workdir)
   again = train.train_and_evaluate(tiny.get_config(), workdir)
   assert [r["step"] for r in train_rows(workdir)] == [1, 2, 3, 4]  # no new train rows.
   assert again["settings"] == report["settings"]

@@ -1,4 +1,4 @@
-"""launch/trials.py: RegDB's splits trained and scored as one command (three tiny splits of a RegDB-layout fixture, one
+"""launch/trials.py: RegDB's splits trained and scored as one command (two tiny splits of a RegDB-layout fixture, one
 step each), the table's mean +- std against NumPy over the per-split reports, finished trials only re-read,
 --collect_only, and the errors that keep two experiments from mixing."""
 
@@ -25,7 +25,7 @@ TINY = ("input.height=32", "input.width=16", "input.pad=2", "input.num_ids_per_b
         "schedule.steps_per_epoch=1", "schedule.warmup_epochs=1", "schedule.decay_epochs=(1,)",
         "checkpoint.async_save=False", "logging.every_steps=1")
 METRICS = ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")
-SPLITS = (1, 2, 3)
+SPLITS = (1, 3)  # two splits (each a main.py run) are enough for a mean and a std; 3 leaves a gap in the list.
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +42,9 @@ def _overrides(root: str) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def finished(regdb_root, tmp_path_factory):
-  """The runner, as a user starts it, over splits 1-3: (workdir, its stdout)."""
+  """The runner, as a user starts it, over splits 1 and 3: (workdir, its stdout)."""
   workdir = str(tmp_path_factory.mktemp("trials") / "regdb")
-  cmd = [sys.executable, os.path.join(subprocesses.REPO, "launch", "trials.py"), "--dataset=regdb", "--trials=1-3",
+  cmd = [sys.executable, os.path.join(subprocesses.REPO, "launch", "trials.py"), "--dataset=regdb", "--trials=1,3",
          f"--workdir={workdir}"] + [f"--set={o}" for o in _overrides(regdb_root)]
   proc = subprocess.run(cmd, cwd=subprocesses.REPO, env=subprocesses.env(devices=1), capture_output=True, text=True,
                         timeout=1200)
@@ -53,7 +53,7 @@ def finished(regdb_root, tmp_path_factory):
 
 
 def _plan(workdir: str, root: str, **kwargs) -> trials.Plan:
-  args = dict(dataset="regdb", config_arg=None, trials="1-3", vary=None, overrides=_overrides(root), workdir=workdir)
+  args = dict(dataset="regdb", config_arg=None, trials="1,3", vary=None, overrides=_overrides(root), workdir=workdir)
   args.update(kwargs)
   return trials.make_plan(**args)
 
@@ -67,7 +67,7 @@ def _reports(workdir: str) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-def test_three_splits_one_table_equal_to_numpy_over_the_reports(finished):
+def test_two_splits_one_table_equal_to_numpy_over_the_reports(finished):
   workdir, stdout = finished
   for t in SPLITS:
     with open(os.path.join(workdir, f"trial_{t}", "config.json")) as f:
@@ -91,9 +91,9 @@ def test_three_splits_one_table_equal_to_numpy_over_the_reports(finished):
       assert f"{values.mean():.2f} ± {values.std():.2f}" in table
       for t, v in zip(SPLITS, values):
         assert agg["per_run"][str(t)][m] == pytest.approx(v, abs=1e-12)
-    # the per-split row of split 2: its step, its initialisation, its numbers.
-    row2 = " | ".join(f"{reports[2]['settings'][setting][m]:.2f}" for m in METRICS)
-    assert f"| {setting} | 2 | 1 | from scratch (random init) | {row2} |" in table
+    # the per-split row of split 3: its step, its initialisation, its numbers.
+    row3 = " | ".join(f"{reports[3]['settings'][setting][m]:.2f}" for m in METRICS)
+    assert f"| {setting} | 3 | 1 | from scratch (random init) | {row3} |" in table
   # the published RegDB rows beside ours: plain ones comparable, re-ranked ones apart and labelled.
   quoted = table.split("## Published (quoted, not measured)")[1]
   comparable, reranked = quoted.split("### ")
