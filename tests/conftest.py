@@ -10,9 +10,9 @@
 - TensorFlow imported as main.py imports it, without its eager Keras import (fdnm_jax/tensorflow_import.py).
 - One session folder (FDNM_TEST_SESSION_DIR, made and removed like the cache folder) for the runs that
   tests/shared_runs.py trains once per session; the `tiny_run` fixture is the finished tiny run.
-- Under `--dist loadgroup` (.ci/run, the README), every module marked `xdist_group` must really be grouped (its
-  module fixtures, trained runs, built once on one worker): a pytest/pytest-xdist pair whose grouping silently does
-  nothing (pytest 9 with xdist 3.8.0) stops the session with the fix instead of doubling those fixtures' time.
+- Under `--dist loadgroup` (.ci/run, the README) every module marked `xdist_group` must really be grouped (its
+  module fixtures, trained runs, built once on one worker): the pytest / pytest-xdist pair whose grouping silently
+  does nothing (pytest 9 with xdist <= 3.8.0) stops the session with the fix instead of doubling those fixtures.
 - XLA's cheap compile mode (JAX_DISABLE_MOST_OPTIMIZATIONS=1) for the whole session, children included: the tests'
   models are tiny, so compilation, not execution, is most of a test's time, and this mode compiles the tiny
   model's train step in about 60 % of the CPU time (docs/benchmarks.md). It changes float rounding (fewer fusions),
@@ -44,9 +44,26 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+def _check_loadgroup(config) -> None:
+  """--dist loadgroup with a pytest whose node ids pytest-xdist <= 3.8.0 cannot rename (pytest >= 9 keeps them in
+  Node._id; xdist renames Node._nodeid) groups nothing: the modules marked xdist_group then build their module
+  fixtures (trained runs) once per worker. Stop before the session starts, naming the fix."""
+  if getattr(config.option, "dist", "no") != "loadgroup":
+    return
+  import xdist  # pylint: disable=g-import-not-at-top
+  def version(v):
+    return tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
+  if version(pytest.__version__) >= (9,) and version(xdist.__version__) <= (3, 8, 0):
+    raise pytest.UsageError(f"--dist loadgroup does not group tests with pytest {pytest.__version__} and "
+                            f"pytest-xdist {xdist.__version__}: install the pinned versions (pip install -r "
+                            "requirements-dev.txt: pytest 8.4.2) or run without --dist loadgroup")
+
+
 def pytest_configure(config):
-  """Test processes (an xdist worker, or the only process without -n) import TensorFlow as main.py does
+  """The xdist controller checks --dist loadgroup works (`_check_loadgroup`). Test processes (an xdist worker, or the only process without -n) import TensorFlow as main.py does
   (fdnm_jax/tensorflow_import.py: without its eager Keras import); the xdist controller imports none of it."""
+  if not hasattr(config, "workerinput"):
+    _check_loadgroup(config)
   if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as main.py.
     from fdnm_jax import tensorflow_import  # pylint: disable=g-import-not-at-top
@@ -79,17 +96,3 @@ def tiny_run() -> tuple[str, dict]:
   """(workdir, the report train_and_evaluate returned) of a finished run of tests/configs/tiny.py (4 steps, checkpoints 2 and 4, results/tiny.json), trained once per
   test session (tests/shared_runs.py) and checked unchanged before each test: read it, or copy it to change it."""
   return shared_runs.tiny()
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config, items):
-  """On an xdist worker under --dist loadgroup (after xdist has named the groups): every item marked xdist_group
-  carries its group in its node id, or grouping is broken and the session stops naming the fix."""
-  if not (hasattr(config, "workerinput") and config.getvalue("loadgroup")):
-    return
-  ungrouped = [item.nodeid for item in items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
-  if ungrouped:
-    raise pytest.UsageError(
-        f"--dist loadgroup did not group {len(ungrouped)} tests marked xdist_group (e.g. {ungrouped[0]}): this "
-        "pytest / pytest-xdist pair does not support it; install the pinned versions: pip install -r "
-        "requirements-dev.txt")
