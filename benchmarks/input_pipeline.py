@@ -54,8 +54,6 @@ def main() -> None:
   parser.add_argument("--channel_aug", action="store_true")
   parser.add_argument("--root", default="", help="a RegDB download to read instead of the generated set")
   parser.add_argument("--modes", default="files,prepared")
-  parser.add_argument("--train_cache_mbs", default="0,1024",
-                      help="config.input.train_cache_mb values to time (0 = decode and resize every image each time)")
   args = parser.parse_args()
 
   work = tempfile.mkdtemp(prefix="bench_input_")
@@ -77,14 +75,11 @@ def main() -> None:
       (folder,) = prepare.prepare("regdb", root, os.path.join(work, "tfds"), splits=(1,), out=open(os.devnull, "w"))
       config.data.root, config.data.data_dir = "", folder
     source = sources.load_source(config, work)
-    for cache_mb in (int(v) for v in args.train_cache_mbs.split(",")):
-      c.train_cache_mb = cache_mb
-      cpu = time.process_time()
-      rate = _time(source.train_visible, source.train_infrared, c, args.warmup, args.batches)
-      cpu = (time.process_time() - cpu) / (args.warmup + args.batches)
-      print(f"{mode:9s} train_cache_mb={cache_mb:<5d}: {rate:8.1f} images/s  "
-            f"({rate / (2 * args.ids * args.instances):.2f} batches/s; {1000 * cpu:.1f} ms CPU per batch, "
-            "stream set-up included)")
+    cpu = time.process_time()
+    rate = _time(source.train_visible, source.train_infrared, c, args.warmup, args.batches)
+    cpu = (time.process_time() - cpu) / (args.warmup + args.batches)
+    print(f"{mode:9s}: {rate:8.1f} images/s  ({rate / (2 * args.ids * args.instances):.2f} batches/s; "
+          f"{1000 * cpu:.1f} ms CPU per batch, stream set-up included)")
   print(f"load average after: {os.getloadavg()}")
   shutil.rmtree(work, ignore_errors=True)
 

@@ -51,10 +51,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.channel_aug = False  # CAJ channel augmentation (p=3/4: all channels <- one random channel).
   config.input.eval_batch_size = 64  # images per evaluation batch (global).
   config.input.prefetch = 2  # tf.data prefetch depth (batches).
-  # Train images decoded and resized once, kept in host memory (float32), when all of them fit this many MiB: a
-  # small set (the synthetic demo: 3,600 images at 64x32, 84 MiB) skips the decode and resize of every epoch; the
-  # batches are the same bit for bit. 0 = decode and resize every time.
-  config.input.train_cache_mb = 1024
 
   config.model = ml_collections.ConfigDict()
   config.model.stage_sizes = (3, 4, 6, 3)  # Bottleneck blocks per ResNet stage (ResNet-50).

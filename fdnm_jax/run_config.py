@@ -62,7 +62,7 @@ TORCHVISION_RESNET50 = ("resnet50-0676ba61.pth (torchvision ResNet50_Weights.IMA
 FREE_FIELDS = (
     "name",
     "evals.", "checkpoint.", "logging.", "visualize.", "mesh.",
-    "input.eval_batch_size", "input.prefetch", "input.train_cache_mb",
+    "input.eval_batch_size", "input.prefetch",
     "data.root", "data.data_dir",  # where the same data set lives (a moved or prepared copy).
     "model.require_pretrained",  # only guards the start of a fresh run.
 )
@@ -530,7 +530,6 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "input.erasing_min_aspect": (_in_unit(lo_open=True), "a number in (0, 1] (the maximum aspect is its inverse)"),
     "input.eval_batch_size": (_int_at_least(1), "an integer >= 1"),
     "input.prefetch": (_int_at_least(0), "an integer >= 0 (batches; 0 = 1)"),
-    "input.train_cache_mb": (_int_at_least(0), "an integer >= 0 (MiB; 0 = no cache)"),
     "model.stage_sizes": (lambda v: len(v) >= 1 and _ints(v, 1), "a non-empty tuple of integers >= 1, e.g. "
                           "(3, 4, 6, 3) for ResNet-50"),
     "model.width": (_int_at_least(1), "an integer >= 1 (64 = ResNet-50)"),

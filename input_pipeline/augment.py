@@ -310,15 +310,8 @@ def train_transform(image: tf.Tensor, seed: tf.Tensor, input_config: Any,
     float32 [height, width, 3], normalised.
   """
   c = input_config
-  return augment_resized(resize(image, c.height, c.width, c.resize, weights), seed, c)
-
-
-def augment_resized(resized: tf.Tensor, seed: tf.Tensor, input_config: Any) -> tf.Tensor:
-  """`train_transform` after its resize: float32 [height, width, 3] in 0..255 pixel units (`resize`'s output) ->
-  float32 [height, width, 3], augmented and normalised (the same ops and seeds as `train_transform`)."""
-  c = input_config
   seeds = tf.random.experimental.stateless_split(seed, NUM_TRAIN_SEEDS)
-  x = resized / 255.0
+  x = resize(image, c.height, c.width, c.resize, weights) / 255.0
   # DEEN pads, grays, then crops; graying is per pixel and keeps the zero padding zero, so graying first
   # and then padding and cropping gives the same image.
   x = random_grayscale(x, c.random_grayscale, seeds[1])

@@ -7,7 +7,7 @@ augmentation), because every random choice is keyed by the global position of th
 
 import math
 import os
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -106,40 +106,6 @@ def resize_weights(read_bytes, first_images: Sequence[int], input_config: Any) -
   return augment.ResizeWeights(heights, widths, input_config.height, input_config.width, input_config.resize)
 
 
-def _resized_cache(read_bytes, paths: Sequence[str], input_config: Any, weights: augment.ResizeWeights,
-                   from_files: bool) -> Optional[Callable[[tf.Tensor], tf.Tensor]]:
-  """i -> image i of `read_bytes` decoded and resized (float32 [height, width, 3], 0..255 units, `augment.resize`),
-  looked up in a host array that decodes and resizes every image once; None when that array (len(paths) images of
-  height x width x 3 float32) is larger than config.input.train_cache_mb MiB, or the cache is off (0).
-
-  The array holds what the uncached stream computes per image (the same decode and resize ops on the same bytes),
-  so the batches are the same bit for bit. An unreadable image is named here, before the first batch.
-  """
-  c = input_config
-  n = len(paths)
-  if not n or n * c.height * c.width * 3 * 4 > int(c.train_cache_mb) * 2 ** 20:
-    return None
-
-  def load(i):
-    return augment.resize(decode_bytes(read_bytes(i)), c.height, c.width, c.resize, weights)
-
-  chunk = 256
-  ds = tf.data.Dataset.range(n).map(_graph_function(load), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  iterator = iter(ds.batch(chunk))
-  images = np.empty((n, c.height, c.width, 3), np.float32)
-  for start in range(0, n, chunk):
-    try:
-      images[start:start + chunk] = next(iterator).numpy()
-    except tf.errors.OpError as e:
-      _raise_named(paths[start:start + chunk], e, f"train images {start}..{min(start + chunk, n) - 1} (decoded "
-                   "once for config.input.train_cache_mb)", from_files)
-
-  def lookup(i):
-    image = tf.numpy_function(lambda j: images[int(j)], [i], tf.float32, stateful=False)
-    return tf.ensure_shape(image, [c.height, c.width, 3])
-  return lookup
-
-
 def _graph_function(fn):
   """`fn` for tf.data to trace as it is written, without AutoGraph's source conversion.
 
@@ -162,7 +128,7 @@ def train_batches(visible: ImageSet, infrared: ImageSet, input_config: Any, *, s
   Args:
     visible, infrared: the train image sets.
     input_config: `config.input` (height, width, num_ids_per_batch, num_instances, the augmentation
-      fields, prefetch, train_cache_mb: every image decoded and resized once when they fit, `_resized_cache`).
+      fields, prefetch).
     seed: the run seed (config.seed), >= 0.
     start_step: the first step to yield (a resumed run passes its checkpoint step).
     process_index, process_count: this process and the number of processes; P*K must divide evenly.
@@ -172,8 +138,7 @@ def train_batches(visible: ImageSet, infrared: ImageSet, input_config: Any, *, s
      "step": int}, with b = P*K / process_count.
   Raises:
     ValueError: bad process arguments, P*K not divisible by process_count, or too few shared identities.
-    ImageDecodeError / FileNotFoundError (when the batch is reached, or at the call when the images are cached):
-      an unreadable image, named.
+    ImageDecodeError / FileNotFoundError (when the batch is reached): an unreadable image, named.
   """
   c = input_config
   _check_process(process_index, process_count)
@@ -200,7 +165,6 @@ def train_batches(visible: ImageSet, infrared: ImageSet, input_config: Any, *, s
 
   read_bytes = _byte_source((visible, infrared))
   weights = resize_weights(read_bytes, [i for i, n in ((0, len(visible)), (offset, len(infrared))) if n], c)
-  resized = _resized_cache(read_bytes, all_paths, c, weights, visible.encoded is None)
   classes_t = tf.constant(classes, tf.int32)
   positions_t = tf.constant(positions, tf.int64)
 
@@ -212,10 +176,7 @@ def train_batches(visible: ImageSet, infrared: ImageSet, input_config: Any, *, s
   def per_image(file, position, step):
     key = tf.stack([tf.constant(seed, tf.int64), step])
     image_seed = tf.random.experimental.stateless_fold_in(key, position)
-    if resized is None:
-      image = augment.train_transform(decode_bytes(read_bytes(file)), image_seed, c, weights)
-    else:
-      image = augment.augment_resized(resized(file), image_seed, c)
+    image = augment.train_transform(decode_bytes(read_bytes(file)), image_seed, c, weights)
     return image, tf.gather(classes_t, file), step
 
   ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max).flat_map(_graph_function(step_files))

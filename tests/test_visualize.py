@@ -3,6 +3,7 @@ the numbers of summary.json against a NumPy recomputation from the evaluator's e
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -65,8 +66,9 @@ def _png_size(path):
 
 
 @pytest.mark.slow
-def test_visualize_end_to_end_on_the_synthetic_run():
-  workdir = trained_workdir()
+def test_visualize_end_to_end_on_the_synthetic_run(tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_workdir(), workdir)  # visualize writes <workdir>/visualize/: not into the shared run.
   source, emb = evaluator_embeddings()
   result = visualize.visualize(workdir, queries="0,3,5", compare_workdir=workdir)
   out = os.path.join(workdir, "visualize")

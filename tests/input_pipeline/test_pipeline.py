@@ -121,38 +121,7 @@ def test_eval_process_slices(tiny_sets, input_config):
     pipeline.eval_batches(s, input_config, 6, process_index=0, process_count=4)
 
 
-@pytest.mark.parametrize("resize", ["pil_lanczos", "tf_bilinear"])
-def test_cached_train_images_give_the_uncached_batches_bit_for_bit(tiny_sets, input_config, resize):
-  """config.input.train_cache_mb: every train image decoded and resized once (to 24 x 12 from the stored 32 x 16,
-  so the resize does work) gives the batches of the stream that decodes and resizes each time, exactly."""
-  vis, ir = tiny_sets["train_visible"], tiny_sets["train_thermal"]
-  c = input_config
-  c.height, c.width, c.pad, c.resize = 24, 12, 2, resize
-  c.train_cache_mb = 0
-  uncached = _take(pipeline.train_batches(vis, ir, c, seed=4, start_step=1), 3)
-  c.train_cache_mb = 1  # 64 images x 24 x 12 x 3 float32 = 0.2 MiB: fits.
-  cached = _take(pipeline.train_batches(vis, ir, c, seed=4, start_step=1), 3)
-  for a, b in zip(cached, uncached):
-    _assert_batches_equal(a, b)
-
-
-def test_the_train_cache_is_built_only_within_its_budget(tiny_sets, input_config):
-  vis, ir = tiny_sets["train_visible"], tiny_sets["train_thermal"]
-  read_bytes = pipeline._byte_source((vis, ir))  # pylint: disable=protected-access
-  paths = vis.paths + ir.paths
-  c = input_config
-  c.height, c.width = 64, 64  # len(paths) = 64 images x 64 x 64 x 3 float32 = 3 MiB.
-  assert len(paths) * 64 * 64 * 3 * 4 == 3 * 2 ** 20
-  weights = pipeline.resize_weights(read_bytes, [0], c)
-  for budget_mb, built in ((0, False), (2, False), (3, True)):
-    c.train_cache_mb = budget_mb
-    cache = pipeline._resized_cache(read_bytes, paths, c, weights, True)  # pylint: disable=protected-access
-    assert (cache is not None) == built, budget_mb
-
-
-@pytest.mark.parametrize("train_cache_mb", [0, 1024])
-def test_unreadable_images_are_named(tiny_sets, input_config, tmp_path, train_cache_mb):
-  input_config.train_cache_mb = train_cache_mb  # 0: named when its batch is reached; else when it is cached.
+def test_unreadable_images_are_named(tiny_sets, input_config, tmp_path):
   bad = tmp_path / "broken.bmp"
   bad.write_bytes(b"this is not an image")
   vis, ir = tiny_sets["train_visible"], tiny_sets["train_thermal"]
