@@ -67,8 +67,8 @@ def _png_size(path):
 
 @pytest.mark.slow
 def test_visualize_end_to_end_on_the_synthetic_run(tmp_path):
-  workdir = str(tmp_path / "run")
-  shutil.copytree(trained_workdir(), workdir)  # visualize writes <workdir>/visualize/: not into the shared run.
+  shared, workdir = trained_workdir(), str(tmp_path / "run")
+  shutil.copytree(shared, workdir)  # visualize writes <workdir>/visualize/: not into the shared run.
   source, emb = evaluator_embeddings()
   result = visualize.visualize(workdir, queries="0,3,5", compare_workdir=workdir)
   out = os.path.join(workdir, "visualize")
@@ -91,7 +91,8 @@ def test_visualize_end_to_end_on_the_synthetic_run(tmp_path):
     colours = set()
     for r in entry["queries"]:
       i = r["position"]
-      assert r["pid"] == q.labels[i] and r["path"] == q.paths[i]
+      # the copy's image: the same file under the copy's synthetic_data/ as the shared run's.
+      assert r["pid"] == q.labels[i] and os.path.relpath(r["path"], workdir) == os.path.relpath(q.paths[i], shared)
       top = [c["index"] for c in r["gallery"]]
       assert top == list(np.argsort(d[i], kind="stable")[:10])
       assert [c["pid"] for c in r["gallery"]] == list(g.labels[top])
