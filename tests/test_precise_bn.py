@@ -7,7 +7,6 @@ short dot products and of the per-batch means (relative ~1e-7 .. 1e-6), so rtol 
 CPU code paths; atol covers channels whose mean is near zero (relative to the data's scale).
 """
 
-import hashlib
 import json
 import os
 
@@ -19,6 +18,7 @@ import pytest
 
 from fdnm_jax import precise_bn, sharding
 from fdnm_jax.models import FDNM
+from tests import shared_runs
 
 EPS = 1e-5  # nn.BatchNorm's default epsilon (the toy's BatchNorms).
 
@@ -183,16 +183,6 @@ def test_fdnm_bnneck_statistics_equal_those_of_the_eval_mode_features():
   assert info["levels"] == 15 and info["forward_passes"] == 30
 
 
-def _tree_digest(folder):
-  digest = {}
-  for root, _, files in os.walk(folder):
-    for f in files:
-      path = os.path.join(root, f)
-      with open(path, "rb") as fh:
-        digest[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
-  return digest
-
-
 @pytest.mark.slow
 def test_recalibration_is_saved_beside_the_checkpoint_reused_and_leaves_it_byte_identical(caplog, tmp_path):
   """A run trained with the reference reading (ANM's one BN called per branch: the checkpoint precise BN must rescue,
@@ -205,7 +195,7 @@ def test_recalibration_is_saved_beside_the_checkpoint_reused_and_leaves_it_byte_
   workdir = str(tmp_path / "reference_reading")
   train.train_and_evaluate(config, workdir)
   checkpoints = os.path.join(workdir, "checkpoints")
-  before = _tree_digest(checkpoints)
+  before = shared_runs.file_digests(checkpoints)
   config.evals.recalibrate_bn_batches = 2
   report = eval_mode.evaluate_checkpoint(config, workdir)
   folder = os.path.join(workdir, "recalibrated_bn", "4", "batches2_per_call")
@@ -214,7 +204,7 @@ def test_recalibration_is_saved_beside_the_checkpoint_reused_and_leaves_it_byte_
   assert info["images"] == 2 * 2 * 4 * 2 and info["levels"] == 15 and info["forward_passes"] == 30
   assert info["per_call_modules"] == ["anm/bn"]
   assert sorted(os.listdir(folder)) == ["meta.json", "stats.npz"]
-  assert _tree_digest(checkpoints) == before
+  assert shared_runs.file_digests(checkpoints) == before
   with open(report["files"]["md"]) as f:
     markdown = f.read()
   assert "**recalibrated** (precise BN) on 2 un-augmented training batches" in markdown
@@ -244,4 +234,4 @@ def test_recalibration_is_saved_beside_the_checkpoint_reused_and_leaves_it_byte_
   _, _, again = precise_bn.for_evaluation(model.model, checkpoint_variables, config, sharding.make_mesh(config.mesh),
                                           workdir, 4)
   assert again["reused"] is True and again["levels"] == 15
-  assert _tree_digest(checkpoints) == before
+  assert shared_runs.file_digests(checkpoints) == before
