@@ -60,10 +60,15 @@ def _check_loadgroup(config) -> None:
 
 
 def pytest_configure(config):
-  """The xdist controller checks --dist loadgroup works (`_check_loadgroup`). Test processes (an xdist worker, or the only process without -n) import TensorFlow as main.py does
-  (fdnm_jax/tensorflow_import.py: without its eager Keras import); the xdist controller imports none of it."""
+  """The xdist controller checks --dist loadgroup works (`_check_loadgroup`). Test processes (an xdist worker, or
+  the only process without -n) import TensorFlow as main.py does (fdnm_jax/tensorflow_import.py: without its eager
+  Keras import); the xdist controller imports none of it."""
   if not hasattr(config, "workerinput"):
-    _check_loadgroup(config)
+    try:
+      _check_loadgroup(config)
+    except pytest.UsageError:
+      _remove_own_folders()  # the session ends here, before pytest_unconfigure would run.
+      raise
   if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as main.py.
     from fdnm_jax import tensorflow_import  # pylint: disable=g-import-not-at-top
@@ -79,10 +84,7 @@ def pytest_configure(config):
       os.close(devnull)
 
 
-def pytest_unconfigure(config):
-  """The controller (not an xdist worker) removes the cache and session folders it made."""
-  if hasattr(config, "workerinput"):
-    return
+def _remove_own_folders() -> None:
   own = os.environ.get(_OWN_CACHE_ENV)
   if own and own == os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     shutil.rmtree(own, ignore_errors=True)
@@ -91,8 +93,15 @@ def pytest_unconfigure(config):
     shutil.rmtree(own, ignore_errors=True)
 
 
+def pytest_unconfigure(config):
+  """The controller (not an xdist worker) removes the cache and session folders it made."""
+  if not hasattr(config, "workerinput"):
+    _remove_own_folders()
+
+
 @pytest.fixture
 def tiny_run() -> tuple[str, dict]:
-  """(workdir, the report train_and_evaluate returned) of a finished run of tests/configs/tiny.py (4 steps, checkpoints 2 and 4, results/tiny.json), trained once per
-  test session (tests/shared_runs.py) and checked unchanged before each test: read it, or copy it to change it."""
+  """(workdir, the report train_and_evaluate returned) of a finished run of tests/configs/tiny.py (4 steps,
+  checkpoints 2 and 4, results/tiny.json), trained once per test session (tests/shared_runs.py) and checked
+  unchanged before each test: read it, or copy it to change it."""
   return shared_runs.tiny()
