@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from typing import Any, Callable
 
 SESSION_DIR_ENV = "FDNM_TEST_SESSION_DIR"
@@ -54,7 +55,6 @@ def shared_run(name: str, train: Callable[[str], Any]) -> tuple[str, Any]:
     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if train() raises.
     if not os.path.exists(digests_path):  # not (or not completely) made yet: a failed attempt starts over.
       if os.path.exists(root):
-        import shutil  # pylint: disable=g-import-not-at-top
         shutil.rmtree(root)
       with open(value_path, "w") as f:
         json.dump(train(root), f)

@@ -6,7 +6,6 @@ works on its own copy (shutil.copytree). Commands that must fail before JAX is i
 (and so any model set-up) would die with that error instead of its one-line message.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ import pytest
 from fdnm_jax import train
 from fdnm_jax.errors import DataError
 from input_pipeline.datasets import synthetic
-from tests import subprocesses
+from tests import shared_runs, subprocesses
 from tests.configs import tiny
 
 TINY = subprocesses.TINY
@@ -44,15 +43,9 @@ def no_heavy_imports(tmp_path_factory):
 
 
 def tree_hashes(root):
-  """{relative path: sha256} of every file under `root`, and every folder (as None)."""
-  out = {}
-  for folder, dirs, files in os.walk(root):
-    for d in dirs:
-      out[os.path.relpath(os.path.join(folder, d), root) + "/"] = None
-    for name in files:
-      path = os.path.join(folder, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+  """{relative path: sha256} of every file under `root` (`shared_runs.file_digests`), and every folder (as None)."""
+  out = {os.path.relpath(os.path.join(folder, d), root) + "/": None for folder, dirs, _ in os.walk(root) for d in dirs}
+  out.update(shared_runs.file_digests(root))
   return out
 
 
