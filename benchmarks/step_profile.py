@@ -9,7 +9,7 @@ it can exceed the wall time), the time per thunk kind (the name before its first
 ops can be read (`%name = ... calls=%fused_computation.N`).
 
   python benchmarks/step_profile.py                                   # the README demo (configs/synthetic.py)
-  python benchmarks/step_profile.py --set model.agp_stages='()'        # the same step without AGP
+  python benchmarks/step_profile.py --set 'model.agp_stages=(),model.anm_stage=0'   # without AGP and ANM
   python benchmarks/step_profile.py --config=configs/regdb.py --steps=3
 """
 
@@ -17,7 +17,6 @@ import argparse
 import collections
 import glob
 import gzip
-import importlib
 import json
 import os
 import shlex
@@ -29,20 +28,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _load_config(path: str, overrides: list[str]):
-  module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-  config = module.get_config()
-  for item in overrides:
-    key, value = item.split("=", 1)
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    old = node[leaf]
-    node[leaf] = value if isinstance(old, str) else type(old)(eval(value))  # pylint: disable=eval-used
-  return config
-
-
 def _thunk_times(trace_dir: str) -> collections.Counter:
   """Summed duration (us) of each XLA thunk in the trace (host-side Python and executor frames left out)."""
   path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
@@ -52,7 +37,7 @@ def _thunk_times(trace_dir: str) -> collections.Counter:
   totals = collections.Counter()
   for event in events:
     name = event.get("name", "")
-    if event.get("ph") == "X" and not name.startswith(("$", "Thunk", "Pjit", "Common", "np.")):
+    if event.get("ph") == "X" and not name.startswith(("$", "Thunk", "Pjit", "Common", "Slinky", "np.")):
       totals[name] += event.get("dur", 0)
   return totals
 
@@ -60,7 +45,7 @@ def _thunk_times(trace_dir: str) -> collections.Counter:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/synthetic.py")
-  parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+  parser.add_argument("--set", default="", help="comma-separated config overrides a.b=value (compare_steps.py's form)")
   parser.add_argument("--classes", type=int, default=300, help="identities of the ID loss")
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--steps", type=int, default=10)
@@ -71,10 +56,12 @@ def main() -> None:
   from fdnm_jax import platform  # pylint: disable=g-import-not-at-top
   platform.configure_xla_flags()
   import jax  # pylint: disable=g-import-not-at-top
-  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
+  from benchmarks import compare_steps, train_step  # pylint: disable=g-import-not-at-top
+  from launch import trials  # pylint: disable=g-import-not-at-top
   from fdnm_jax import sharding  # pylint: disable=g-import-not-at-top
 
-  config = _load_config(args.config, args.set)
+  config = trials.load_config(args.config)
+  compare_steps._apply(config, args.set)  # pylint: disable=protected-access
   train_step.NUM_CLASSES = args.classes
   step = train_step.build_jax_step(config)
   state, batch = step.state, sharding.host_to_global(step.host, step.mesh)
