@@ -7,6 +7,11 @@ process, and fdnm-jax uses none of it (tf.data, tf.io and tf.image only). `load(
 `keras` package hidden (TensorFlow then takes the branch it takes when Keras is not installed), unhides it, and
 puts back the Keras folders TensorFlow adds to its package path, so `tf.keras` and `import tensorflow.keras` still
 load Keras on first use.
+
+The second eager Keras import is TensorBoard's: `clu.metric_writers` imports `tensorboard.plugins.hparams.api`,
+whose `_keras` module defines `Callback(tf.keras.callbacks.Callback)` at import time (1.8 s more per process, the
+same Keras). `load()` registers a stand-in `_keras` whose `Callback` loads the real module when it is first
+instantiated; fdnm-jax writes summaries with clu and never uses `hparams.KerasCallback`.
 """
 
 import os
@@ -31,7 +36,31 @@ def load() -> ModuleType:
     if sys.modules.get("keras", 0) is None:
       del sys.modules["keras"]
   _restore_keras_path(tensorflow)
+  _defer_hparams_keras_callback()
   return tensorflow
+
+
+_HPARAMS_KERAS = "tensorboard.plugins.hparams._keras"
+
+
+def _defer_hparams_keras_callback() -> None:
+  """Registers a stand-in for tensorboard.plugins.hparams._keras (unless it is imported already): its `Callback`,
+  when instantiated, imports the real module (and so Keras) and returns the real callback."""
+  if _HPARAMS_KERAS in sys.modules:
+    return
+  stand_in = ModuleType(_HPARAMS_KERAS, "Stand-in of TensorBoard's hparams Keras callback (fdnm_jax.tensorflow_import).")
+
+  class Callback:  # pylint: disable=too-few-public-methods
+    """hparams.KerasCallback, loaded (with Keras) when first instantiated."""
+
+    def __new__(cls, *args, **kwargs):
+      if sys.modules.get(_HPARAMS_KERAS) is stand_in:
+        del sys.modules[_HPARAMS_KERAS]
+      import importlib  # pylint: disable=g-import-not-at-top
+      return importlib.import_module(_HPARAMS_KERAS).Callback(*args, **kwargs)
+
+  stand_in.Callback = Callback
+  sys.modules[_HPARAMS_KERAS] = stand_in
 
 
 def _restore_keras_path(tensorflow: ModuleType) -> None:
