@@ -38,6 +38,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 from typing import Any, Optional
 
@@ -63,8 +65,13 @@ _SKIN_TONES = ((0.96, 0.80, 0.69), (0.90, 0.70, 0.55), (0.78, 0.57, 0.44), (0.55
 _BINOMIAL5 = np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0  # blur kernel (no transcendental functions: exact).
 
 
+# Sets of at least this many images are rendered by a pool of processes (one per CPU); smaller ones in this process,
+# where starting the pool would cost more than it saves.
+PARALLEL_MIN_IMAGES = 1024
+
+
 def generate(root: str, *, num_train_ids: int, num_test_ids: int, images_per_id: int, num_cameras: int,
-             height: int, width: int, seed: int) -> str:
+             height: int, width: int, seed: int, workers: Optional[int] = None) -> str:
   """Writes the synthetic data set under `root` (RegDB layout, see the module docstring) if not already there.
 
   Deterministic: the same arguments give the same files byte for byte. Idempotent: if `root` holds a
@@ -83,6 +90,9 @@ def generate(root: str, *, num_train_ids: int, num_test_ids: int, images_per_id:
     num_cameras: cameras per modality.
     height, width: image size in pixels.
     seed: generator seed (non-negative).
+    workers: processes rendering the images (fresh Python processes, each writes whole identities); None = one per CPU this
+      process may use when the set has at least PARALLEL_MIN_IMAGES images, else 1 (this process). The files are
+      the same byte for byte whatever the count: every image is a pure function of (seed, pid, modality, index).
   Returns:
     The absolute path of `root`.
   """
@@ -114,7 +124,7 @@ def generate(root: str, *, num_train_ids: int, num_test_ids: int, images_per_id:
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
   try:
-    _write_dataset(tmp, manifest)
+    _write_dataset(tmp, manifest, workers)
     _install(tmp, root, manifest)
   finally:
     if os.path.exists(tmp):
@@ -189,23 +199,69 @@ def _install(tmp: str, root: str, manifest: dict) -> None:
                      "it with different parameters. Give each run its own config.data.root.")
 
 
-def _write_dataset(out: str, manifest: dict) -> None:
-  seed, h, w = manifest["seed"], manifest["height"], manifest["width"]
-  n_cam, n_img = manifest["num_cameras"], manifest["images_per_id"]
+def _image_names(manifest: dict, modality: int, pid: int) -> list[str]:
+  """Relative paths of identity `pid`'s images in `modality`, in image order."""
+  folder = ("Visible", "Thermal")[modality]
+  n_cam = manifest["num_cameras"]
+  return [f"{folder}/{pid}/c{1 + i % n_cam + (n_cam if modality == 1 else 0)}_{i:04d}.bmp"
+          for i in range(manifest["images_per_id"])]
+
+
+def _write_identity(out: str, manifest: dict, modality: int, pid: int) -> None:
+  """Renders and writes every image of identity `pid` in `modality` under `out` (its folder must exist)."""
+  for i, name in enumerate(_image_names(manifest, modality, pid)):
+    image = render_image(manifest["seed"], pid, modality, i, manifest["num_cameras"], manifest["height"],
+                         manifest["width"])
+    with open(os.path.join(out, name), "wb") as f:
+      f.write(_bmp_bytes(image))
+
+
+# A worker: `python -c _WORKER <out> <manifest JSON> <jobs JSON>` writes identities [(modality, pid), ...].
+_WORKER = ("import json, sys; from input_pipeline.datasets import synthetic; "
+           "[synthetic._write_identity(sys.argv[1], json.loads(sys.argv[2]), m, p) for m, p in json.loads(sys.argv[3])]")
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _write_identities_in_processes(out: str, manifest: dict, jobs: list[tuple[int, int]], workers: int) -> None:
+  """Writes `jobs` [(modality, pid)] in `workers` fresh Python processes (job i in process i % workers).
+
+  Plain child processes, not multiprocessing: its spawn re-imports the caller's __main__ (main.py: JAX and
+  TensorFlow) in every child, and a fork would inherit the caller's JAX/TensorFlow threads.
+  """
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([_REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, out, json.dumps(manifest), json.dumps(jobs[k::workers])],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for k in range(workers)]
+  errors = [(p.communicate()[1], p.returncode) for p in procs]
+  failed = [f"exit status {rc}: {err.strip()[-2000:]}" for err, rc in errors if rc != 0]
+  if failed:
+    raise RuntimeError(f"synthetic.generate: a rendering process failed writing under {out}: {failed[0]}")
+
+
+def _default_workers(num_images: int) -> int:
+  if num_images < PARALLEL_MIN_IMAGES:
+    return 1
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # no sched_getaffinity (macOS).
+    return max(1, os.cpu_count() or 1)
+
+
+def _write_dataset(out: str, manifest: dict, workers: Optional[int] = None) -> None:
   num_ids = manifest["num_train_ids"] + manifest["num_test_ids"]
-  files: dict[tuple[int, int], list[str]] = {}  # (modality, pid) -> relative paths in image order
-  for modality, folder in ((0, "Visible"), (1, "Thermal")):
-    for pid in range(1, num_ids + 1):
-      os.makedirs(os.path.join(out, folder, str(pid)))
-      rel = []
-      for i in range(n_img):
-        camera = 1 + i % n_cam + (n_cam if modality == 1 else 0)
-        name = f"{folder}/{pid}/c{camera}_{i:04d}.bmp"
-        image = render_image(seed, pid, modality, i, n_cam, h, w)
-        with open(os.path.join(out, name), "wb") as f:
-          f.write(_bmp_bytes(image))
-        rel.append(name)
-      files[(modality, pid)] = rel
+  jobs = [(modality, pid) for modality in (0, 1) for pid in range(1, num_ids + 1)]
+  for modality, pid in jobs:
+    os.makedirs(os.path.join(out, ("Visible", "Thermal")[modality], str(pid)))
+  if workers is None:
+    workers = _default_workers(len(jobs) * manifest["images_per_id"])
+  if workers <= 1:
+    for modality, pid in jobs:
+      _write_identity(out, manifest, modality, pid)
+  else:
+    _write_identities_in_processes(out, manifest, jobs, workers)
+  files = {(modality, pid): _image_names(manifest, modality, pid) for modality, pid in jobs}
+  seed = manifest["seed"]
   os.makedirs(os.path.join(out, "idx"))
   for trial in range(1, NUM_SPLITS + 1):
     train, test = split_identities(seed, manifest["num_train_ids"], manifest["num_test_ids"], trial)

@@ -36,6 +36,15 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
   assert all(a[k] != c[k] for k in images)
 
 
+def test_a_pool_of_processes_writes_the_same_bytes_as_one_process(tmp_path):
+  serial = _tree_bytes(synthetic.generate(str(tmp_path / "serial"), **SMALL, workers=1))
+  pooled = _tree_bytes(synthetic.generate(str(tmp_path / "pooled"), **SMALL, workers=2))
+  assert pooled == serial  # every image, list file and the manifest.
+  # The pool's files are the renderer's images (not merely the same as another run of the same writer).
+  image = np.asarray(Image.open(tmp_path / "pooled" / "Thermal" / "4" / "c4_0001.bmp").convert("RGB"))
+  np.testing.assert_array_equal(image, synthetic.render_image(0, 4, 1, 1, 2, 32, 16))
+
+
 def test_matching_manifest_is_reused_and_mismatch_regenerates(tmp_path):
   root = str(tmp_path / "set")
   synthetic.generate(root, **SMALL)
