@@ -48,7 +48,7 @@ def _defer_hparams_keras_callback() -> None:
   when instantiated, imports the real module (and so Keras) and returns the real callback."""
   if _HPARAMS_KERAS in sys.modules:
     return
-  stand_in = ModuleType(_HPARAMS_KERAS, "Stand-in of TensorBoard's hparams Keras callback (fdnm_jax.tensorflow_import).")
+  stand_in = ModuleType(_HPARAMS_KERAS, "Stand-in of TensorBoard's hparams Keras callback (fdnm_jax.tensorflow_import)")
 
   class Callback:  # pylint: disable=too-few-public-methods
     """hparams.KerasCallback, loaded (with Keras) when first instantiated."""

@@ -18,14 +18,15 @@ assert tensorflow_import.load() is tf
 after_import = {m: m in sys.modules for m in ("keras", "sklearn")}
 from clu import metric_writers  # imports TensorBoard's hparams API and its Keras callback module.
 after_clu = "keras" in sys.modules
-from tensorboard.plugins import hparams
-import tensorflow
-hparams_callback = isinstance(hparams.api.KerasCallback(tempfile.mkdtemp(), {"lr": 0.1}), tensorflow.keras.callbacks.Callback)
 path = list(tf.__path__)
 data = [int(x) for x in tf.data.Dataset.range(4).map(lambda x: 3 * x).as_numpy_iterator()]
 units = tf.keras.layers.Dense(2).units
-print(json.dumps({"after_import": after_import, "after_clu": after_clu, "hparams_callback": hparams_callback, "path": path, "data": data, "units": units,
-                  "keras_loaded_later": "keras" in sys.modules}))
+keras_loaded_later = "keras" in sys.modules
+from tensorboard.plugins import hparams
+callback = hparams.api.KerasCallback(tempfile.mkdtemp(), {"lr": 0.1})
+hparams_callback = isinstance(callback, tf.keras.callbacks.Callback)
+print(json.dumps({"after_import": after_import, "after_clu": after_clu, "hparams_callback": hparams_callback,
+                  "path": path, "data": data, "units": units, "keras_loaded_later": keras_loaded_later}))
 """
 
 

@@ -65,8 +65,8 @@ _SKIN_TONES = ((0.96, 0.80, 0.69), (0.90, 0.70, 0.55), (0.78, 0.57, 0.44), (0.55
 _BINOMIAL5 = np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0  # blur kernel (no transcendental functions: exact).
 
 
-# Sets of at least this many images are rendered by a pool of processes (one per CPU); smaller ones in this process,
-# where starting the pool would cost more than it saves.
+# Sets of at least this many images are rendered by one child process per CPU; smaller ones in this process, where
+# starting the children would cost more than it saves.
 PARALLEL_MIN_IMAGES = 1024
 
 
@@ -90,9 +90,10 @@ def generate(root: str, *, num_train_ids: int, num_test_ids: int, images_per_id:
     num_cameras: cameras per modality.
     height, width: image size in pixels.
     seed: generator seed (non-negative).
-    workers: processes rendering the images (fresh Python processes, each writes whole identities); None = one per CPU this
-      process may use when the set has at least PARALLEL_MIN_IMAGES images, else 1 (this process). The files are
-      the same byte for byte whatever the count: every image is a pure function of (seed, pid, modality, index).
+    workers: processes rendering the images (fresh Python processes, each writes whole identities); None = one
+      per CPU this process may use when the set has at least PARALLEL_MIN_IMAGES images, else 1 (this process).
+      The files are the same byte for byte whatever the count: each image is a pure function of (seed, pid,
+      modality, index).
   Returns:
     The absolute path of `root`.
   """
@@ -199,9 +200,12 @@ def _install(tmp: str, root: str, manifest: dict) -> None:
                      "it with different parameters. Give each run its own config.data.root.")
 
 
+_FOLDERS = ("Visible", "Thermal")  # by modality (0 visible, 1 infrared).
+
+
 def _image_names(manifest: dict, modality: int, pid: int) -> list[str]:
   """Relative paths of identity `pid`'s images in `modality`, in image order."""
-  folder = ("Visible", "Thermal")[modality]
+  folder = _FOLDERS[modality]
   n_cam = manifest["num_cameras"]
   return [f"{folder}/{pid}/c{1 + i % n_cam + (n_cam if modality == 1 else 0)}_{i:04d}.bmp"
           for i in range(manifest["images_per_id"])]
@@ -218,7 +222,8 @@ def _write_identity(out: str, manifest: dict, modality: int, pid: int) -> None:
 
 # A worker: `python -c _WORKER <out> <manifest JSON> <jobs JSON>` writes identities [(modality, pid), ...].
 _WORKER = ("import json, sys; from input_pipeline.datasets import synthetic; "
-           "[synthetic._write_identity(sys.argv[1], json.loads(sys.argv[2]), m, p) for m, p in json.loads(sys.argv[3])]")
+           "[synthetic._write_identity(sys.argv[1], json.loads(sys.argv[2]), m, p) "
+           "for m, p in json.loads(sys.argv[3])]")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -230,7 +235,8 @@ def _write_identities_in_processes(out: str, manifest: dict, jobs: list[tuple[in
   """
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join([_REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, out, json.dumps(manifest), json.dumps(jobs[k::workers])],
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, out, json.dumps(manifest),
+                             json.dumps(jobs[k::workers])],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
            for k in range(workers)]
   errors = [(p.communicate()[1], p.returncode) for p in procs]
@@ -252,7 +258,7 @@ def _write_dataset(out: str, manifest: dict, workers: Optional[int] = None) -> N
   num_ids = manifest["num_train_ids"] + manifest["num_test_ids"]
   jobs = [(modality, pid) for modality in (0, 1) for pid in range(1, num_ids + 1)]
   for modality, pid in jobs:
-    os.makedirs(os.path.join(out, ("Visible", "Thermal")[modality], str(pid)))
+    os.makedirs(os.path.join(out, _FOLDERS[modality], str(pid)))
   if workers is None:
     workers = _default_workers(len(jobs) * manifest["images_per_id"])
   if workers <= 1:
