@@ -81,8 +81,13 @@ def _polar(spectrum: torch.Tensor) -> tuple[torch.Tensor, ...]:
   return amplitude, phase, cos_phase, sin_phase
 
 
+def _spectral_dtype(x: torch.Tensor) -> torch.dtype:
+  """float32 for float32 and narrower maps (as fdnm-jax), float64 for a float64 model (the parity test's)."""
+  return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _rfft2(x: torch.Tensor) -> torch.Tensor:
-  return torch.fft.rfft2(x.float(), dim=(-2, -1), norm="ortho")
+  return torch.fft.rfft2(x.to(_spectral_dtype(x)), dim=(-2, -1), norm="ortho")
 
 
 def _irfft2(spectrum: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -192,7 +197,7 @@ class TorchFDNM(nn.Module):
     num_branches = len(branches)
 
     def pool(m: torch.Tensor) -> torch.Tensor:
-      return m.float().mean(dim=(2, 3))
+      return m.to(_spectral_dtype(m)).mean(dim=(2, 3))
 
     global_feats = [pool(m) for m in branches]
     height = original.shape[2]
@@ -241,7 +246,7 @@ def center_nuances_mining(original: torch.Tensor, nuance: torch.Tensor, labels: 
   same_id = labels[:, None] == labels[None, :]
 
   def centers(mod: int):
-    weights = (same_id & (modality == mod)[None, :]).float()
+    weights = (same_id & (modality == mod)[None, :]).to(original.dtype)
     count = weights.sum(1)
     weights = weights / torch.clamp(count, min=1.0)[:, None]
     return weights @ original, weights @ nuance, count
@@ -285,7 +290,7 @@ def total_loss(outputs: dict[str, Any], labels: torch.Tensor, modality: torch.Te
                                             labels.repeat(nb), loss_config.triplet_margin)
                          for g in range(0, features.shape[0], nb)]).mean()
   nuances = outputs["nuances"]
-  zero = torch.zeros(())
+  zero = torch.zeros((), dtype=logits.dtype)
   cnm, ortho = zero, zero
   if nuances is not None:
     cnm = sum(center_nuances_mining(outputs["global"], nuances[i], labels, modality, loss_config.cnm_margin)

@@ -508,6 +508,14 @@ def storage_errno(exc: BaseException) -> Optional[int]:
 
 
 _UNREADABLE_PATHS: set = set()  # step folders found unreadable in this process (their read errors are reported).
+# "<step folder>.orbax-checkpoint-tmp" of the saves that hit a storage error in this process: the save's other
+# write threads can still be running when the partial folder is removed, and their "No such file or directory"
+# errors (logged by orbax with a traceback) are the aftermath of the error reported in one line.
+_FAILED_SAVE_TMP_PATHS: set = set()
+
+
+def _reported_paths() -> set:
+  return _UNREADABLE_PATHS | _FAILED_SAVE_TMP_PATHS
 
 
 def _known_unreadable(path: str) -> None:
@@ -515,6 +523,13 @@ def _known_unreadable(path: str) -> None:
   _quiet_storage_error_logs()
   _NOISE.install()
   _UNREADABLE_PATHS.add(str(path).rstrip("/") + "/")
+
+
+def _known_failed_save(step_folder: str) -> None:
+  """Records the save of `step_folder` as failed (reported): orbax's errors about files in its partial folder, which
+  is removed while the save's other write threads may still run, stay out of the log."""
+  _quiet_storage_error_logs()
+  _FAILED_SAVE_TMP_PATHS.add(str(step_folder).rstrip("/") + TMP_MARKER)
 
 
 def _chain_text(exc: Optional[BaseException]) -> str:
@@ -529,7 +544,8 @@ def _chain_text(exc: Optional[BaseException]) -> str:
 class _DropReportedErrorLogs(py_logging.Filter):
   """Keeps ERROR records (with their tracebacks) of errors fdnm-jax reports itself in one line out of the log:
   disk-full / permission errors of a save (orbax's records, on the absl logger, and asyncio's "Task exception was
-  never retrieved" of the failed save's write tasks), and the read errors of a checkpoint found unreadable (asyncio's
+  never retrieved" of the failed save's write tasks, and their errors about files in its partial folder, removed
+  under them: `_known_failed_save`), and the read errors of a checkpoint found unreadable (asyncio's
   records of its other read tasks: hundreds of TensorStore lines apiece)."""
 
   def __init__(self, orbax_only: bool):
@@ -543,7 +559,7 @@ class _DropReportedErrorLogs(py_logging.Filter):
     text = record.getMessage() + "\n" + _chain_text(exc)
     if storage_errno(Exception(text)) is not None or (exc is not None and storage_errno(exc) is not None):
       return False
-    return not any(path in text for path in _UNREADABLE_PATHS)
+    return not any(path in text for path in _reported_paths())
 
 
 _FILTERS = {"absl": _DropReportedErrorLogs(orbax_only=True), "asyncio": _DropReportedErrorLogs(orbax_only=False)}
@@ -568,7 +584,7 @@ def _is_reported_noise(unraisable: Any) -> bool:
   if exc is None or unraisable.object is None or not hasattr(unraisable.object, "cr_code"):  # coroutines only.
     return False
   text = _chain_text(exc)
-  return storage_errno(exc) is not None or any(path in text for path in _UNREADABLE_PATHS)
+  return storage_errno(exc) is not None or any(path in text for path in _reported_paths())
 
 
 class _ReportedErrorNoise:
@@ -685,6 +701,7 @@ class TrainCheckpoints:
     if error is None:
       raise exc
     self._failed, self._failed_step = True, step
+    _known_failed_save(step_path(self.workdir, step))
     if jax.process_index() == 0:
       _remove_tmp_of(self.workdir, step)
     raise error from None

@@ -232,6 +232,15 @@ def test_orbax_tracebacks_of_storage_errors_are_kept_out_of_the_log():
   other = ValueError('OUT_OF_RANGE: Error reading "params.a/0" at local file "/runs/x/checkpoints/40/state/"')
   assert tasks.filter(tasks.makeRecord("asyncio", py_logging.ERROR, "base_events.py", 1, "Task exception was never "
                                        "retrieved", (), (ValueError, other, None)))
+  # A failed save's partial folder is removed while its other write threads may still run: their "No such file"
+  # errors about that folder are dropped, the same error about another step's folder is kept.
+  checkpoints._known_failed_save("/runs/z/checkpoints/4")  # pylint: disable=protected-access
+  gone = FileNotFoundError(errno.ENOENT, "No such file or directory")
+  assert not logger.filter(record("_SignalingThread.run() raised an exception: [Errno 2] No such file or directory: "
+                                  "'/runs/z/checkpoints/4.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/"
+                                  "array_metadatas/process_0'", gone))
+  assert logger.filter(record("_SignalingThread.run() raised an exception: [Errno 2] No such file or directory: "
+                              "'/runs/z/checkpoints/40.orbax-checkpoint-tmp/state/array_metadatas/process_0'", gone))
 
 
 def test_only_the_aftermath_of_reported_errors_is_dropped_from_unraisable_exceptions(monkeypatch):
