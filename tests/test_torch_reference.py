@@ -88,17 +88,19 @@ def cut_margin(maps: np.ndarray) -> float:
   return float(np.min(np.abs(spectrum.imag)[counted]) / rms)
 
 
-def _agp_inputs(tmodel, config, tbatch) -> dict[int, np.ndarray]:
-  """{stage: the float64 map AGP `stage` of `tmodel` takes} on one train-mode forward of `tbatch`."""
+def _forward_recording_agp_inputs(tmodel, config, tbatch) -> tuple[dict, dict[int, np.ndarray]]:
+  """(outputs, {stage: the float64 map AGP `stage` took}) of one train-mode forward of `tmodel` on `tbatch`."""
   seen = {}
   hooks = [getattr(tmodel, f"agp{s}").register_forward_pre_hook(
       lambda module, args, s=s: seen.__setitem__(s, args[0].detach().numpy())) for s in config.model.agp_stages]
   tmodel.train()
-  with torch.no_grad():
-    tmodel(tbatch["visible"], tbatch["infrared"])
-  for hook in hooks:
-    hook.remove()
-  return seen
+  try:
+    with torch.no_grad():
+      outputs = tmodel(tbatch["visible"], tbatch["infrared"])
+  finally:
+    for hook in hooks:
+      hook.remove()
+  return outputs, seen
 
 
 @pytest.mark.parametrize("variant", ["default", "parts"])
@@ -113,17 +115,16 @@ def test_torch_reference_matches_jax(variant):
 
   tmodel = _float64_torch_model(config, variables)
   tbatch = _torch_batch(batch)
-  margins = {s: cut_margin(m) for s, m in _agp_inputs(tmodel, config, tbatch).items()}
-  assert min(margins.values()) >= CUT_MARGIN, f"a bin of an AGP input sits near the phase cut: {margins}"
 
   # Forward in train mode and the loss terms.
   outputs, _ = model.apply(variables, batch["visible"], batch["infrared"], train=True, mutable=["batch_stats"])
   labels = np.concatenate([batch["visible_labels"], batch["infrared_labels"]])
   modality = np.repeat([0, 1], len(batch["visible_labels"]))
   _, terms = losses.total_loss(outputs, jnp.asarray(labels), jnp.asarray(modality), config.loss)
-  tmodel.train()
+  touts, agp_inputs = _forward_recording_agp_inputs(tmodel, config, tbatch)
+  margins = {s: cut_margin(m) for s, m in agp_inputs.items()}
+  assert min(margins.values()) >= CUT_MARGIN, f"a bin of an AGP input sits near the phase cut: {margins}"
   with torch.no_grad():
-    touts = tmodel(tbatch["visible"], tbatch["infrared"])
     _, tterms = torch_fdnm.total_loss(touts, torch.from_numpy(labels).long(), torch.from_numpy(modality).long(),
                                       config.loss)
   for key in ("global", "nuances", "features", "logits", "embedding"):
