@@ -19,6 +19,9 @@
   never the maths: every test compares against an independent reference within a float32 bound, or against
   another run of the same session, which uses the same mode. A caller's JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the
   suite with the optimising compiler instead.
+- The test files that hold a test marked `slow` (seconds to a minute each) are collected first: under xdist the
+  long tests start early and the last work units handed out are short, so no worker idles for a minute at the end
+  while the other finishes a long test (`pytest_collection_modifyitems`).
 """
 
 import os
@@ -82,6 +85,16 @@ def pytest_configure(config):
       os.dup2(saved, 2)
       os.close(saved)
       os.close(devnull)
+
+
+def pytest_collection_modifyitems(config, items):
+  """The files with a `slow` test first, each file's tests kept together and in order (module fixtures are built
+  once) and the files otherwise in collection order: a stable sort, the same on every xdist worker. pytest-xdist's
+  loadgroup scheduler then hands out the multi-test groups (largest first), the tests of the slow files, and last
+  the files of quick tests, which fill the gaps."""
+  del config
+  slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_files)
 
 
 def _remove_own_folders() -> None:

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import types
 import uuid
@@ -537,15 +538,22 @@ def test_main_on_a_full_disk_ends_in_one_line_and_a_resume_matches_an_uninterrup
   workdir, data = os.path.join(path, "run"), str(tmp_path / "synthetic_full")  # the data off the small disk.
   overrides = (f"--config.data.root={data}", "--config.evals.every_steps=2")
   cmd = [sys.executable, subprocesses.MAIN, f"--config={subprocesses.TINY}", f"--workdir={workdir}", *overrides]
-  proc = subprocess.Popen(cmd, cwd=subprocesses.REPO, env=subprocesses.env(devices=1), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(cmd, cwd=subprocesses.REPO, env=subprocesses.env(devices=1), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
+  # Read while the test polls: an unread pipe blocks the run once it holds 64 KiB. (A pipe, not a file: the
+  # RLIMIT_FSIZE below would cap a stderr file too.)
+  stderr = []
+  reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()))
+  reader.start()
   # The evaluation right after the step-2 checkpoint holds the run for seconds: the disk fills before step 4's save.
   step2 = os.path.join(workdir, "checkpoints", "2")
   deadline = time.time() + 600
   while not os.path.isdir(step2) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   filler = _limit_writes(proc.pid, path, mounted)
-  _, err = proc.communicate(timeout=600)
+  proc.wait(timeout=600)
+  reader.join(timeout=60)
+  err = stderr[0]
   assert proc.returncode != 0, err[-4000:]
   assert "Traceback" not in err, err[-6000:]
   errors = [line for line in err.splitlines() if line.startswith("error: ")]

@@ -91,6 +91,7 @@ def test_a_mismatched_resume_stops_listing_the_fields(finished, tmp_path, no_hea
   assert tree_hashes(workdir) == before
 
 
+@pytest.mark.slow
 def test_an_allowed_change_is_recorded_and_trains_the_rest_of_the_run_under_it(finished, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(finished, workdir)

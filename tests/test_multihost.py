@@ -78,24 +78,28 @@ def test_two_processes_train_and_evaluate_like_one_with_four_devices(tmp_path):
 
   work = str(tmp_path / "two_processes")
   port = free_port()
-  procs = []
+  procs, logs = [], [tmp_path / f"stderr_{pid}.txt" for pid in range(2)]
+  # Each process's output goes to a file, not a pipe: a pipe read after the other process's (communicate() one at
+  # a time) fills at 64 KiB, its writer blocks, and the other process waits on it in a collective (seen with
+  # JAX_LOG_COMPILES=1: both hung until the timeout).
   for pid in range(2):
     args = [f"--config={TINY}", f"--workdir={work}", *overrides(data_root),
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"]
-    procs.append(subprocess.Popen([sys.executable, "-c", WRAPPER, str(tmp_path / f"written_{pid}.json"), *args],
-                                  cwd=REPO, env=env_with(2, FDNM_CPU_COLLECTIVES="gloo"),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outputs = []
+    with open(logs[pid], "w") as err:
+      procs.append(subprocess.Popen([sys.executable, "-c", WRAPPER, str(tmp_path / f"written_{pid}.json"), *args],
+                                    cwd=REPO, env=env_with(2, FDNM_CPU_COLLECTIVES="gloo"),
+                                    stdout=subprocess.DEVNULL, stderr=err))
   for p in procs:
     try:
-      outputs.append(p.communicate(timeout=900))
+      p.wait(timeout=900)
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
       raise
-  for pid, (p, (_, err)) in enumerate(zip(procs, outputs)):
+  outputs = [log.read_text() for log in logs]
+  for pid, (p, err) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f"process {pid}:\n{err[-4000:]}"
-  assert "'data': 4" in outputs[0][1] and "'fsdp': 1" in outputs[0][1]  # one global mesh of 2 x 2 devices.
+  assert "'data': 4" in outputs[0] and "'fsdp': 1" in outputs[0]  # one global mesh of 2 x 2 devices.
 
   # Losses: every loss term of every step as the 1-process, 4-device run (1e-4 relative; why these runs can be
   # compared at all: tests.test_sharding.non_chaotic_config). The gradient norm, a sum of squares over every

@@ -103,6 +103,7 @@ def _forward_recording_agp_inputs(tmodel, config, tbatch) -> tuple[dict, dict[in
   return outputs, seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["default", "parts"])
 def test_torch_reference_matches_jax(variant):
   """Forward outputs and loss terms (both variants); parameters after one SGD step (default variant)."""

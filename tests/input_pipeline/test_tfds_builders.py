@@ -301,6 +301,7 @@ TINY_OVERRIDES = ("--config.input.height=32", "--config.input.width=16", "--conf
                   "--config.checkpoint.async_save=False", "--config.logging.every_steps=1")
 
 
+@pytest.mark.slow
 def test_main_trains_and_evaluates_on_a_prepared_regdb_fixture(regdb_prepared, tmp_path):
   """python main.py --config=configs/regdb.py --config.data.data_dir=<fixture>: 2 steps, validation evals at
   steps 1 and 2 on the held-out id, the final evaluation (last and best on validation) on the test split."""
