@@ -93,8 +93,8 @@ def pytest_collection_modifyitems(config, items):
   loadgroup scheduler then hands out the multi-test groups (largest first), the tests of the slow files, and last
   the files of quick tests, which fill the gaps."""
   del config
-  slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
-  items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_files)
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)
 
 
 def _remove_own_folders() -> None:
