@@ -111,17 +111,25 @@ def test_torch_reference_matches_jax(variant):
   batch = _batch(config)
   model = fdnm_from_config(config.model, NUM_CLASSES)
   tx = optim.make_optimizer(config.optim, config.schedule, steps_per_epoch=10)
-  state = train.create_train_state(model, tx, jax.random.key(0), (1, config.input.height, config.input.width, 3))
+  # Init, forward and loss each as one jitted program, as training runs them (op by op, they cost ~600 small
+  # compilations per variant, most of this test's time).
+  state = jax.jit(train.create_train_state, static_argnums=(0, 1, 3))(
+      model, tx, jax.random.key(0), (1, config.input.height, config.input.width, 3))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
 
   tmodel = _float64_torch_model(config, variables)
   tbatch = _torch_batch(batch)
 
   # Forward in train mode and the loss terms.
-  outputs, _ = model.apply(variables, batch["visible"], batch["infrared"], train=True, mutable=["batch_stats"])
   labels = np.concatenate([batch["visible_labels"], batch["infrared_labels"]])
   modality = np.repeat([0, 1], len(batch["visible_labels"]))
-  _, terms = losses.total_loss(outputs, jnp.asarray(labels), jnp.asarray(modality), config.loss)
+
+  @jax.jit
+  def forward_and_loss(variables, visible, infrared, labels, modality):
+    outputs, _ = model.apply(variables, visible, infrared, train=True, mutable=["batch_stats"])
+    return outputs, losses.total_loss(outputs, labels, modality, config.loss)[1]
+
+  outputs, terms = forward_and_loss(variables, batch["visible"], batch["infrared"], labels, modality)
   touts, agp_inputs = _forward_recording_agp_inputs(tmodel, config, tbatch)
   margins = {s: cut_margin(m) for s, m in agp_inputs.items()}
   assert min(margins.values()) >= CUT_MARGIN, f"a bin of an AGP input sits near the phase cut: {margins}"
