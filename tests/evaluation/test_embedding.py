@@ -147,3 +147,23 @@ def test_flip_embedding_is_the_unnormalised_sum_of_the_image_and_its_mirror(tmp_
   np.testing.assert_allclose(flipped, plain + mirrored, atol=1e-6)
   part_norms = np.linalg.norm(flipped.reshape(5, 2, -1), axis=-1)  # each part: |a + b| for unit a, b: not 1.
   assert np.all(part_norms < 2.0) and not np.allclose(part_norms, 1.0, atol=1e-3)
+
+
+def test_embed_functions_and_layouts_are_kept_per_model_and_each_model_gets_its_own():
+  """make_embed_fn and embedding_layout are kept across evaluations: equal models (the same fields) share one
+  function; a model with other fields (a wider one: 2 x D channels) gets its own, whose embeddings have its
+  width, as its layout says."""
+  mesh = sharding.make_mesh(default.get_config().mesh)
+  narrow, wide = _model(anm_stage=4), FDNM(num_classes=4, stage_sizes=(1, 1, 1, 1), width=16, anm_stage=4)
+  fn = evaluator.make_embed_fn(narrow, mesh, "visible", "spec")
+  assert evaluator.make_embed_fn(_model(anm_stage=4), mesh, "visible", "spec") is fn
+  assert evaluator.make_embed_fn(narrow, mesh, "infrared", "spec") is not fn
+  assert evaluator.make_embed_fn(narrow, mesh, "visible", "deen") is not fn
+  images = _images(2, 5)
+  for model, width in ((narrow, D), (wide, 2 * D)):
+    variables = _variables(model)
+    layout = evaluator.embedding_layout(model, variables, "spec", (H, W))
+    assert layout == [("nuance1/bnneck", width), ("nuance2/bnneck", width)]
+    emb = np.asarray(evaluator.make_embed_fn(model, mesh, "visible", "spec")(variables, images))
+    assert emb.shape == (2, 2 * width)
+    np.testing.assert_allclose(emb, evaluator.test_embedding(_OUTPUTS(model, variables, images), "spec"), atol=1e-5)
