@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import traceback
 from typing import Any, Callable, Iterator, Optional
 
@@ -658,13 +659,28 @@ def save_error(exc: BaseException, workdir: str, step: int, needed: int) -> Opti
   return CheckpointError(f"cannot save the checkpoint of step {step} to {path}: {what}. {fix}; {resume}.")
 
 
-def _remove_tmp_of(workdir: str, step: int) -> None:
-  for p in _entries(workdir):
-    if p.name.startswith(f"{int(step)}{TMP_MARKER}") or (p.name == str(int(step)) and not is_committed(str(p))):
-      try:
-        p.rmtree(missing_ok=True)
-      except OSError:
-        pass
+def _remove_tmp_of(workdir: str, step: int, attempts: int = 1, delay_s: float = 0.05) -> bool:
+  """Removes the partial folders of `step` (its tmp folders, an uncommitted step folder); True when none is left.
+
+  With `attempts` > 1, tries again after `delay_s` seconds while one is left: a failed async save's other writes
+  (TensorStore's threads) can still add files while its folder is being removed, and the removal then fails
+  (directory not empty) or the folder reappears.
+  """
+  def partial(p):
+    return p.name.startswith(f"{int(step)}{TMP_MARKER}") or (p.name == str(int(step)) and not is_committed(str(p)))
+
+  for attempt in range(attempts):
+    for p in _entries(workdir):
+      if partial(p):
+        try:
+          p.rmtree(missing_ok=True)
+        except OSError:
+          pass
+    if not any(partial(p) for p in _entries(workdir)):
+      return True
+    if attempt + 1 < attempts:
+      time.sleep(delay_s)
+  return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -739,9 +755,11 @@ class TrainCheckpoints:
   def close(self) -> None:
     self.manager.close()
     if self._failed_step is not None and jax.process_index() == 0:
-      # An async save's other writes can still land in its tmp folder after the first one failed; once the manager
-      # is closed (its background work joined), remove what they left.
-      _remove_tmp_of(self.workdir, self._failed_step)
+      # An async save's other writes can still land in its tmp folder after the first one failed, also after the
+      # manager is closed (TensorStore's write threads are not all joined): remove what they left, for up to ~2 s.
+      if not _remove_tmp_of(self.workdir, self._failed_step, attempts=40, delay_s=0.05):
+        logging.warning("the partial folder of the failed save of step %d is still being written; the next run "
+                        "removes it (checkpoints.clean_partial)", self._failed_step)
     if not self._failed and not _UNREADABLE_PATHS:  # else the hook stays for the callbacks still to come.
       _NOISE.uninstall()
 
