@@ -209,17 +209,24 @@ def dft_model_config():
 
 def _full_child(workdir):
   """Runs in a process with 8 CPU devices: the first step of `full_model_config` on each of FULL_MODEL_MESHES
-  (out["fft"]) and of `dft_model_config` on each of DFT_MESHES (out["dft"])."""
+  (out["fft"]) and of `dft_model_config` on each of DFT_MESHES (out["dft"]), each model from the same initial
+  state on every mesh (initialised once; `_child` tests initialising on a sharded mesh)."""
   from fdnm_jax import tensorflow_import  # pylint: disable=g-import-not-at-top
   tensorflow_import.load()
   from fdnm_jax import train  # pylint: disable=g-import-not-at-top
   out, fns = {"fft": {}, "dft": {}}, {}
   for key, config, meshes in (("fft", full_model_config(), FULL_MODEL_MESHES),
                               ("dft", dft_model_config(), DFT_MESHES)):
+    initial = None
     for name in meshes:
       mesh = _mesh(name)
       run = train.build_run(config, os.path.join(workdir, key), mesh)
-      _, out[key][name] = _steps(fns, run, mesh, run.init_state(), 0, 1, config)
+      if initial is None:  # initialised on the 1-device mesh (sharded initialisation: `_child`), then placed.
+        state = run.init_state()
+        initial = jax.device_get(state)
+      else:
+        state = jax.device_put(initial, run.state_sharding)
+      _, out[key][name] = _steps(fns, run, mesh, state, 0, 1, config)
   with open(f"{workdir}/out.json", "w") as f:
     json.dump(out, f)
 
