@@ -25,6 +25,7 @@ Model selection (`Selection`): checkpoints saved with a score keep the best one 
 `checkpoint.keep` (orbax's `BestN` inside an `AnyPreservationPolicy` with `LatestN`).
 """
 
+import contextlib
 import dataclasses
 import errno
 import logging as py_logging
@@ -294,6 +295,22 @@ def _flat(tree: Any) -> dict[str, Any]:
   return {sharding.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@contextlib.contextmanager
+def _absl_errors_only() -> Iterator[None]:
+  """Inside, the absl logger (orbax's) passes only ERROR and above; after, it has its own level again.
+
+  The logger's level is saved and put back, not absl's verbosity: before absl parses its flags (fdnm-jax used as a
+  library, a notebook, a test) `logging.get_verbosity()` is not the level in effect, and setting it back left the
+  absl logger at WARNING, silencing every later INFO line of the process."""
+  logger = logging.get_absl_logger()
+  level = logger.level
+  logger.setLevel(py_logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def state_metadata(step_folder: str, step: Optional[int] = None) -> dict:
   """The saved train state's tree of orbax ArrayMetadata (shape, dtype) under `<step_folder>/state`.
 
@@ -303,16 +320,12 @@ def state_metadata(step_folder: str, step: Optional[int] = None) -> dict:
   step = int(os.path.basename(str(step_folder).rstrip("/"))) if step is None else step
   _NOISE.install()  # every read of a checkpoint starts here: a failed read's aftermath stays out of the output.
   _quiet_storage_error_logs()
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)  # orbax warns that the item folder has no step metadata: expected here.
   try:
-    with ocp.StandardCheckpointer() as reader:
-      meta = reader.metadata(_join(str(step_folder), STATE_ITEM))
+    with _absl_errors_only(), ocp.StandardCheckpointer() as reader:  # orbax warns that the item folder has no
+      meta = reader.metadata(_join(str(step_folder), STATE_ITEM))      # step metadata: expected here.
   except Exception as e:  # pylint: disable=broad-except  (any failure to read the files is the checkpoint's)
     _known_unreadable(str(step_folder))
     raise UnreadableCheckpointError(step, str(step_folder), f"its metadata: {_short(e)}") from e
-  finally:
-    logging.set_verbosity(verbosity)
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
   if not isinstance(tree, dict) or "params" not in tree:
@@ -384,15 +397,11 @@ def _numpy_target(tree: Any) -> Any:
 def unreadable_reason(step_folder: str, metadata_tree: Any) -> Optional[str]:
   """Why a plain read of the checkpoint fails (every array to host memory, no shardings, no caller's target), or
   None when it succeeds: then a failed restore was the caller's fault, not the checkpoint's."""
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)
   try:
-    with ocp.StandardCheckpointer() as reader:
+    with _absl_errors_only(), ocp.StandardCheckpointer() as reader:
       reader.restore(_join(str(step_folder), STATE_ITEM), _numpy_target(metadata_tree))
   except Exception as e:  # pylint: disable=broad-except  (the question is whether anything fails)
     return _short(e)
-  finally:
-    logging.set_verbosity(verbosity)
   return None
 
 

@@ -25,6 +25,7 @@ import time
 import types
 import uuid
 
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -506,6 +507,20 @@ def _assert_same_final_numbers(got, want):
   assert got.keys() == want.keys()
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=str(k))
+
+
+def test_reading_a_checkpoint_puts_the_absl_loggers_level_back(reference, caplog):
+  """Orbax is quieted while a checkpoint's metadata is read, and the absl logger has its own level again after:
+  before absl parses its flags (a library user, a notebook, this test) its verbosity is not the level in effect,
+  and putting the verbosity back silenced every later absl INFO line of the process (a resume's "Resumed from")."""
+  workdir, _ = reference
+  logger = absl_logging.get_absl_logger()
+  before = logger.level
+  checkpoints.state_metadata(os.path.join(workdir, "checkpoints", "2"))
+  assert logger.level == before
+  with caplog.at_level(py_logging.INFO):
+    absl_logging.info("an INFO line after the read")
+  assert "an INFO line after the read" in [r.getMessage() for r in caplog.records]
 
 
 @pytest.mark.slow

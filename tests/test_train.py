@@ -104,7 +104,9 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted_run(traine
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2")), "the run never wrote its step-2 checkpoint"
   assert not os.path.exists(os.path.join(workdir, "checkpoints", "4")), "the run finished before the kill"
   assert [r["step"] for r in train_rows(workdir)] == [1, 2, 3]  # step 3 is logged beyond the checkpoint.
-  run_main(workdir, "--config.evals.every_steps=3")
+  config = tiny.get_config()
+  config.evals.every_steps = 3
+  train.train_and_evaluate(config, workdir)  # the resume (in this process: the kill is what needs main.py).
   got, want = final_metrics(workdir), final_metrics(reference)
   assert got.keys() == want.keys()
   for k in want:
