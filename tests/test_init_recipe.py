@@ -20,6 +20,7 @@ from fdnm_jax import pretrained, run_config, train
 from fdnm_jax import eval_mode
 from input_pipeline.datasets import synthetic
 from tests import subprocesses
+from tests.configs import with_overrides
 from tests.input_pipeline import test_llcm, test_sysu
 
 # Under `--dist loadgroup` (.ci/run) this module stays on one xdist worker, so its module fixtures (trained
@@ -62,10 +63,7 @@ def weights(tmp_path_factory):
 
 
 def _config(dataset, root, init):
-  config = CONFIGS[dataset].get_config()
-  for key, value in TINY.items():
-    section, field = key.split(".")
-    config[section][field] = value
+  config = with_overrides(CONFIGS[dataset].get_config(), TINY)
   config.data.root = root
   config.model.pretrained = init
   return config

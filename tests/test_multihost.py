@@ -17,7 +17,7 @@ import pytest
 
 from fdnm_jax import distributed
 from tests import subprocesses
-from tests.test_sharding import NON_CHAOTIC
+from tests.test_sharding import NON_CHAOTIC, non_chaotic_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "tests", "configs", "tiny.py")
@@ -70,11 +70,7 @@ def results(workdir):
 
 def reference_config(data_root):
   """tests/configs/tiny.py with the settings `overrides(data_root)` passes to main.py."""
-  from tests.configs import tiny  # pylint: disable=g-import-not-at-top
-  config = tiny.get_config()
-  for key, value in NON_CHAOTIC.items():
-    section, field = key.split(".")
-    config[section][field] = value
+  config = non_chaotic_config()
   config.input.eval_batch_size = 12
   config.data.root = data_root
   return config

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from fdnm_jax import sharding
 from tests import subprocesses
+from tests.configs import with_overrides
 
 
 def _mesh_config(data, fsdp):
@@ -82,11 +83,7 @@ def non_chaotic_config():
   function of the params, so the 1e-4 tolerance tests the sharding, not the chaos.
   """
   from tests.configs import tiny  # pylint: disable=g-import-not-at-top
-  config = tiny.get_config()
-  for key, value in NON_CHAOTIC.items():
-    section, field = key.split(".")
-    config[section][field] = value
-  return config
+  return with_overrides(tiny.get_config(), NON_CHAOTIC)
 
 
 # The full FDNM of configs/synthetic.py (AGP after stages 1, 2, ANM after stage 4, batch-hard triplet, L_cnm) with
@@ -108,11 +105,7 @@ def full_model_config():
   pinned.
   """
   from configs import synthetic  # pylint: disable=g-import-not-at-top
-  config = synthetic.get_config()
-  for key, value in FULL_GUARDED.items():
-    section, field = key.split(".")
-    config[section][field] = value
-  return config
+  return with_overrides(synthetic.get_config(), FULL_GUARDED)
 
 
 MESHES = {"1": (1, 1), "8": (8, 1), "4x2": (4, 2)}
