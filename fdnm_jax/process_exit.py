@@ -1,0 +1,51 @@
+"""Ending a finished fdnm-jax process without the interpreter's teardown.
+
+When a Python process exits, CPython (`Py_FinalizeEx`) first waits for the non-daemon threads
+(`threading._shutdown`, which also stops `concurrent.futures` pools), then runs the `atexit` handlers (logging's
+shutdown, jax.distributed's and JAX's clean-ups, a caller's hooks), flushes sys.stdout and sys.stderr, and only then
+tears the interpreter down: it clears every module and frees every object, which runs the destructors of
+TensorFlow's, XLA's and Flax's objects. After `main.py`'s imports that teardown alone is 0.6-1.2 s of CPU on a
+2-core machine (AVX-512 type; `import tensorflow` alone: ~0.7 s), paid by every `main.py` run and by every
+`main.py` the test suite starts (docs/benchmarks.md, issue 17). It writes nothing: fdnm-jax closes its files,
+checkpoints and metric writers itself (train.py, eval_mode.py close them in `finally` blocks).
+
+`exit_without_teardown(status)` does the first three steps exactly as CPython does, flushes the C library's
+stdio buffers (output printed by native code), and ends the process with `os._exit(status)`.
+"""
+
+import atexit
+import ctypes
+import os
+import sys
+import threading
+from typing import Union
+
+
+def exit_status(code: Union[None, int, str, object]) -> int:
+  """The process exit status `sys.exit(code)` gives: None -> 0, an int as it is, anything else -> 1 (CPython
+  prints such a code to stderr; `exit_without_teardown` callers print it first)."""
+  if code is None:
+    return 0
+  if isinstance(code, int):
+    return code
+  return 1
+
+
+def exit_without_teardown(status: int) -> None:
+  """Ends the process with `status` as a normal exit would, minus the interpreter's teardown (module docstring).
+
+  Waits for non-daemon threads, runs every `atexit` handler, flushes Python's and the C library's output streams,
+  then `os._exit(status)`. Never returns.
+  """
+  threading._shutdown()  # pylint: disable=protected-access  (what Py_FinalizeEx calls first)
+  atexit._run_exitfuncs()  # pylint: disable=protected-access  (then this; each handler runs once)
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (AttributeError, OSError, ValueError):  # closed or replaced by a caller: nothing left to flush.
+      pass
+  try:
+    ctypes.CDLL(None).fflush(None)  # native code's buffered stdout (a pipe is block-buffered).
+  except (OSError, AttributeError):
+    pass
+  os._exit(status)  # pylint: disable=protected-access
