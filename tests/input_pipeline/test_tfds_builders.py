@@ -301,10 +301,26 @@ TINY_OVERRIDES = ("--config.input.height=32", "--config.input.width=16", "--conf
                   "--config.checkpoint.async_save=False", "--config.logging.every_steps=1")
 
 
+def _tensorboard_tags(workdir: str) -> set[tuple[int, str]]:
+  """{(step, tag)} of every summary value in the workdir's TensorBoard event files."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (imported by tests/conftest.py already)
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+  files = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  assert files, f"no TensorBoard event file in {workdir}"
+  out = set()
+  for record in tf.data.TFRecordDataset(files):
+    event = event_pb2.Event.FromString(record.numpy())
+    out |= {(event.step, value.tag) for value in event.summary.value}
+  return out
+
+
 @pytest.mark.slow
 def test_main_trains_and_evaluates_on_a_prepared_regdb_fixture(regdb_prepared, tmp_path):
   """python main.py --config=configs/regdb.py --config.data.data_dir=<fixture>: 2 steps, validation evals at
-  steps 1 and 2 on the held-out id, the final evaluation (last and best on validation) on the test split."""
+  steps 1 and 2 on the held-out id, the final evaluation (last and best on validation) on the test split; every
+  value of metrics.jsonl is also in TensorBoard's event file once main.py has exited (it ends without the
+  interpreter's teardown: fdnm_jax/process_exit.py)."""
   _, folders = regdb_prepared
   workdir = str(tmp_path / "run")
   env = subprocesses.env(devices=1)
@@ -327,3 +343,7 @@ def test_main_trains_and_evaluates_on_a_prepared_regdb_fixture(regdb_prepared, t
   assert periodic["settings"]["visible_to_infrared"]["num_query"] == 2
   assert 0.0 <= final["settings"]["visible_to_infrared"]["mAP"] <= 100.0
   assert final["gallery_sampling"]["visible_to_infrared"].startswith("none: the whole test sets of split 1")
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    written = {(row["step"], tag) for row in map(json.loads, f) for tag in row if tag != "step"}
+  assert (2, "selection/validation_mAP") in written and (1, "train/total") in written
+  assert written <= _tensorboard_tags(workdir)
