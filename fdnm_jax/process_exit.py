@@ -6,8 +6,9 @@ shutdown, jax.distributed's and JAX's clean-ups, a caller's hooks), flushes sys.
 tears the interpreter down: it clears every module and frees every object, which runs the destructors of
 TensorFlow's, XLA's and Flax's objects. After `main.py`'s imports that teardown alone is 0.6-1.2 s of CPU on a
 2-core machine (AVX-512 type; `import tensorflow` alone: ~0.7 s), paid by every `main.py` run and by every
-`main.py` the test suite starts (docs/benchmarks.md, issue 17). It writes nothing: fdnm-jax closes its files,
-checkpoints and metric writers itself (train.py, eval_mode.py close them in `finally` blocks).
+`main.py` the test suite starts (docs/benchmarks.md, issue 17). It writes nothing: fdnm-jax closes what it
+writes itself (train.py waits for and closes its checkpoints and flushes its metric writer in a `finally` block;
+reports and features are written by `with open(...)` blocks and `np.save` to a path, which close their files).
 
 `exit_without_teardown(status)` does the first three steps exactly as CPython does, flushes the C library's
 stdio buffers (output printed by native code), and ends the process with `os._exit(status)`.
