@@ -228,6 +228,4 @@ if __name__ == "__main__":
     app.run(main, flags_parser=parse_flags)
   except SystemExit as done:  # every normal end (0, an error line's 1, --help): skip the interpreter's teardown.
     from fdnm_jax import process_exit  # pylint: disable=g-import-not-at-top
-    if done.code is not None and not isinstance(done.code, int):
-      print(done.code, file=sys.stderr)
-    process_exit.exit_without_teardown(process_exit.exit_status(done.code))
+    process_exit.exit_without_teardown(done.code)

@@ -10,7 +10,7 @@ TensorFlow's, XLA's and Flax's objects. After `main.py`'s imports that teardown 
 writes itself (train.py waits for and closes its checkpoints and flushes its metric writer in a `finally` block;
 reports and features are written by `with open(...)` blocks and `np.save` to a path, which close their files).
 
-`exit_without_teardown(status)` does the first three steps exactly as CPython does, flushes the C library's
+`exit_without_teardown(code)` does the first three steps exactly as CPython does, flushes the C library's
 stdio buffers (output printed by native code), and ends the process with `os._exit(status)`.
 """
 
@@ -22,22 +22,20 @@ import threading
 from typing import Union
 
 
-def exit_status(code: Union[None, int, str, object]) -> int:
-  """The process exit status `sys.exit(code)` gives: None -> 0, an int as it is, anything else -> 1 (CPython
-  prints such a code to stderr; `exit_without_teardown` callers print it first)."""
-  if code is None:
-    return 0
-  if isinstance(code, int):
-    return code
-  return 1
+def exit_without_teardown(code: Union[None, int, object] = None) -> None:
+  """Ends the process as `sys.exit(code)` would, minus the interpreter's teardown (module docstring).
 
-
-def exit_without_teardown(status: int) -> None:
-  """Ends the process with `status` as a normal exit would, minus the interpreter's teardown (module docstring).
-
-  Waits for non-daemon threads, runs every `atexit` handler, flushes Python's and the C library's output streams,
-  then `os._exit(status)`. Never returns.
+  `code` as sys.exit takes it: None is status 0, an int is the status, anything else is printed to stderr and
+  gives status 1. Then waits for non-daemon threads, runs every `atexit` handler, flushes Python's and the C
+  library's output streams, and calls `os._exit(status)`. Never returns.
   """
+  if code is None:
+    status = 0
+  elif isinstance(code, int):
+    status = code
+  else:
+    print(code, file=sys.stderr)
+    status = 1
   threading._shutdown()  # pylint: disable=protected-access  (what Py_FinalizeEx calls first)
   atexit._run_exitfuncs()  # pylint: disable=protected-access  (then this; each handler runs once)
   for stream in (sys.stdout, sys.stderr):

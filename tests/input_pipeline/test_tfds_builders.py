@@ -6,6 +6,7 @@ permutations (a small rand_perm_cam.mat written with scipy) give the galleries w
 with the path named (or a counted skip); the prepared set feeds the same train / eval batches as the raw one.
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -303,7 +304,6 @@ TINY_OVERRIDES = ("--config.input.height=32", "--config.input.width=16", "--conf
 
 def _tensorboard_tags(workdir: str) -> set[tuple[int, str]]:
   """{(step, tag)} of every summary value in the workdir's TensorBoard event files."""
-  import glob  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (imported by tests/conftest.py already)
   from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
   files = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
