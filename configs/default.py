@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.phase_floor = 1e-4  # phase_guard=floor: bins under this fraction of the channel RMS |X| get no phase.
   config.model.phase_soft_eps = 1e-4  # phase_guard=soft: X / sqrt(|X|^2 + eps^2), eps this fraction of the RMS |X|.
   config.model.conjugate_pairs = True  # AGP/ANM: treat the real FFT's Hermitian-paired bins as one.
+  config.model.phase_cut = "arctan2"  # AGP, a bin on the negative real axis: arctan2 (-pi for a -0.0 imag) | principal (+pi).
   config.model.cnm_original = "raw"  # L_cnm's original: raw (pooled map) | batch_standardized (nuances' space).
   config.model.pretrained = ""  # torchvision-layout ResNet weights (.npz/.safetensors/.pth); "none" or "" = random init.
   config.model.require_pretrained = False  # a fresh run needs model.pretrained (a path, or "none" said explicitly).

@@ -164,7 +164,7 @@ def _tuples(obj: Any) -> Any:
 # one BatchNorm called per branch, exact phases, each spectrum bin on its own, L_cnm on the raw pooled original.
 # The defaults differ (configs/default.py says why); these fields select the reference again.
 REFERENCE_READING = {"anm_bn": "reference", "anm_inorm_stats": "instance", "phase_guard": "exact",
-                     "conjugate_pairs": False, "cnm_original": "raw"}
+                     "conjugate_pairs": False, "phase_cut": "arctan2", "cnm_original": "raw"}
 
 LEGACY_VALUES = {
     ("input", "resize"): "tf_bilinear",  # the only resize before config.input.resize existed.
@@ -545,6 +545,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.phase_guard": (lambda v: v in ("exact", "reference", "floor", "soft"), "exact, reference, floor or soft"),
     "model.phase_floor": (lambda v: 0 <= v < 1, "a fraction of the channel's RMS amplitude in [0, 1)"),
     "model.phase_soft_eps": (lambda v: v >= 0, "a fraction of the channel's RMS amplitude, >= 0"),
+    "model.phase_cut": (lambda v: v in ("principal", "arctan2"), "principal or arctan2"),
     "model.cnm_original": (lambda v: v in ("raw", "batch_standardized"), "raw or batch_standardized"),
     "loss.id_weight": (lambda v: v >= 0, "a number >= 0"),
     "loss.label_smoothing": (_in_unit(hi_open=True), "a number in [0, 1)"),

@@ -1,7 +1,8 @@
 """Full FDNM under the reference reading of the paper and its public code (run_config.REFERENCE_READING): ANM's
 BatchNorm one module called once per branch (anm_bn=reference), instance-norm statistics over every bin
 (anm_inorm_stats=instance), the exact phase of every bin however small (phase_guard=exact), the real FFT's
-Hermitian-paired bins treated apart (conjugate_pairs=False), L_cnm's original the raw pooled map (cnm_original=raw).
+Hermitian-paired bins treated apart (conjugate_pairs=False), arctan2's reading of a bin on AGP's cut
+(phase_cut=arctan2), L_cnm's original the raw pooled map (cnm_original=raw).
 The `full` row is the same model with the defaults (configs/default.py).
 
   python main.py --config=configs/ablations/full_reference.py:regdb --workdir=runs/regdb_full_reference ...

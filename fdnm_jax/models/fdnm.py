@@ -122,6 +122,7 @@ class FDNM(nn.Module):
       of spectral.PHASE_GUARDS with its floor / softening constant (fractions of a channel's RMS amplitude;
       `frequency.AGP.phase_guard`, ...).
     conjugate_pairs: AGP/ANM treat the Hermitian-paired bins of the real FFT as one (`frequency.AGP`).
+    phase_cut: AGP's phase of a bin on the negative real axis, one of spectral.PHASE_CUTS (`frequency.AGP.phase_cut`).
     cnm_original: the original's representation in the center-guided loss ("cnm_original" output), one of
       CNM_ORIGINALS: "raw" (the pooled original map, the reference reading) or "batch_standardized" (the original
       map standardised per channel by its batch statistics, `batch_standardize`, then pooled: the space of the
@@ -146,6 +147,7 @@ class FDNM(nn.Module):
   phase_floor: float = 1e-4
   phase_soft_eps: float = 1e-4
   conjugate_pairs: bool = False
+  phase_cut: str = "arctan2"
   cnm_original: str = "raw"
 
   def _validate(self) -> None:
@@ -164,6 +166,7 @@ class FDNM(nn.Module):
     frequency.check_spectral_transform(self.spectral_transform)
     frequency.check_anm_options(self.anm_bn, self.anm_inorm_stats)
     spectral.check_phase_guard(self.phase_guard, self.phase_floor, self.phase_soft_eps)
+    spectral.check_phase_cut(self.phase_cut)
 
   def _phase_options(self) -> dict[str, Any]:
     """The attributes AGP and ANM share: the FFT and the near-zero-bin phase treatment."""
@@ -189,7 +192,8 @@ class FDNM(nn.Module):
       x = resnet.make_stage(i, num_blocks, self.width, self.last_stride, num_stages, self.dtype,
                             self.bn_momentum)(x, train=train)
       if i in self.agp_stages:
-        x = frequency.AGP(groups=self.agp_groups, name=f"agp{i}", **self._phase_options())(x)
+        x = frequency.AGP(groups=self.agp_groups, phase_cut=self.phase_cut, name=f"agp{i}",
+                          **self._phase_options())(x)
       if i == self.anm_stage:
         nuance1, nuance2 = frequency.ANM(dtype=self.dtype, bn_momentum=self.bn_momentum, bn_mode=self.anm_bn,
                                            inorm_stats=self.anm_inorm_stats, name="anm",
@@ -287,7 +291,7 @@ def fdnm_from_config(model_config: ml_collections.ConfigDict, num_classes: int) 
   Args:
     model_config: `config.model` (stage_sizes, width, last_stride, dtype, agp_stages,
       agp_groups, anm_stage, anm_keep_original, num_parts, bn_momentum, spectral_transform, anm_bn,
-      anm_inorm_stats, phase_guard, phase_floor, phase_soft_eps, conjugate_pairs, cnm_original). Fields a
+      anm_inorm_stats, phase_guard, phase_floor, phase_soft_eps, conjugate_pairs, phase_cut, cnm_original). Fields a
       config.json written before they existed lacks get their reference values (run_config.LEGACY_VALUES).
     num_classes: training identities.
   """

@@ -24,8 +24,12 @@ the anti-Hermitian rounding of the self-conjugate columns (tests/models/test_fre
 AGP's own discontinuity: angle(X) jumps from pi to -pi across the negative real axis, and P (1 + s) turns
 that into a jump of y for bins on it. It belongs to the formula and is kept; each call sows the fraction of
 bins within `near_cut_angle` of the cut (`spectral.near_cut_fraction`) into the "diagnostics" collection.
-Sparse post-ReLU maps put bins exactly on it (a blob at h = H/2 makes every odd row real and negative): there
-AGP's fft vs dft_matmul outputs differed by 0.18 whatever the guard (3.7e-4 of the bins within 1e-3 rad).
+Sparse post-ReLU maps put bins exactly on it (a blob at h = H/2 makes every odd row real and negative; zero odd
+columns make bins of the others real): there arctan2 reads -pi or +pi by the sign of a zero or of rounding noise,
+so AGP's fft vs dft_matmul outputs differed by 0.18 whatever the guard (3.7e-4 of the bins within 1e-3 rad).
+`phase_cut="principal"` (the config default) reads such bins as +pi (`spectral.principal_angle`): the transforms
+and NumPy's float64 then agree wherever the transform's noise there is below float32's angle step (power-of-two
+sizes; tests/models/test_frequency.py). "arctan2" (the reference reading) keeps -pi.
 """
 
 from typing import Any
@@ -95,6 +99,9 @@ class AGP(nn.Module):
     transform: how the 2-D FFTs are computed, one of SPECTRAL_TRANSFORMS (`rfft2`).
     phase_guard, phase_floor, phase_soft_eps, conjugate_pairs: how X is read as A and P
       (`spectral.guarded_polar`); "exact" without pairs is the spec.
+    phase_cut: the phase of a bin exactly on the negative real axis, one of spectral.PHASE_CUTS: "principal"
+      (+pi, `spectral.principal_angle`) or "arctan2" (-pi where its imaginary part is -0.0 or negative noise
+      below float32's angle step: the sign of a zero, which the transform's rounding picks; the reference reading).
     near_cut_angle: the angle (rad) from the negative real axis within which a bin counts as near the cut.
   """
 
@@ -104,6 +111,7 @@ class AGP(nn.Module):
   phase_floor: float = 1e-4
   phase_soft_eps: float = 1e-4
   conjugate_pairs: bool = False
+  phase_cut: str = "arctan2"
   near_cut_angle: float = 1e-3
 
   @nn.compact
@@ -115,7 +123,7 @@ class AGP(nn.Module):
     spectral.check_phase_guard(self.phase_guard, self.phase_floor, self.phase_soft_eps)
     re, im = spectral.rfft2(x, self.transform)
     p = spectral.guarded_polar(re, im, width, self.phase_guard, self.phase_floor, self.phase_soft_eps,
-                               self.conjugate_pairs)
+                               self.conjugate_pairs, self.phase_cut)
     mean_amplitude = jnp.mean(p.amplitude, axis=(1, 2))
     logits = jnp.concatenate(
         [

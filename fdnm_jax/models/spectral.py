@@ -26,6 +26,9 @@ SPECTRAL_TRANSFORMS = ("fft", "dft_matmul")
 # How a bin's phase is read (AGP, ANM; config.model.phase_guard); see `guarded_polar`.
 PHASE_GUARDS = ("exact", "reference", "floor", "soft")
 
+# How AGP reads a bin on the negative real axis (config.model.phase_cut); see `principal_angle`.
+PHASE_CUTS = ("principal", "arctan2")
+
 # |X|^2 below this counts as zero for the phase (|X| < 1e-15; features are O(1)).
 ZERO_POWER = 1e-30
 
@@ -47,6 +50,12 @@ def check_phase_guard(guard: str, floor: float, soft_eps: float) -> None:
     raise ConfigError(f"model.phase_floor={floor}: expected a fraction of the RMS amplitude in [0, 1).")
   if not soft_eps >= 0.0:
     raise ConfigError(f"model.phase_soft_eps={soft_eps}: expected >= 0 (a fraction of the RMS amplitude).")
+
+
+def check_phase_cut(cut: str) -> None:
+  """Raises ConfigError naming `model.phase_cut` unless `cut` is one of PHASE_CUTS."""
+  if cut not in PHASE_CUTS:
+    raise ConfigError(f"model.phase_cut={cut!r}: expected one of {PHASE_CUTS}.")
 
 
 def rfft2(x: jax.Array, transform: str = "fft") -> tuple[jax.Array, jax.Array]:
@@ -154,6 +163,21 @@ def dft_irfft2(real: jax.Array, imag: jax.Array, height: int, width: int) -> jax
   return rows.reshape(batch, height, width, channels)
 
 
+def principal_angle(re: jax.Array, im: jax.Array) -> jax.Array:
+  """angle(re + i im) in (-pi, pi] (float32 radians; the shape of re): arctan2 with -pi read as +pi.
+
+  arctan2 returns -pi for a bin on the negative real axis whose imaginary part is -0.0 or a negative amount below
+  float32's resolution of the angle (|im| < ~1e-7 |re|): the sign of a zero or of rounding noise, which depends on
+  how the transform rounded (jnp.fft, dft_matmul, the CPU type, cuFFT). AGP turns P by P s, so -pi and +pi give
+  different outputs; reading them as +pi, the principal value, makes such bins well-posed (config
+  model.phase_cut="principal"; "arctan2" keeps arctan2's -pi, the reference reading). The gradient is arctan2's
+  (the shift by 2 pi is a constant). Noise above that step still picks a side of the cut (AGP's own
+  discontinuity, `near_cut_fraction`).
+  """
+  angle = jnp.arctan2(im, re)
+  return jnp.where(angle <= -np.float32(np.pi), angle + np.float32(2.0 * np.pi), angle)
+
+
 def polar(re: jax.Array, im: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Guarded polar decomposition of a spectrum X = re + i im (float32 arrays of one shape).
 
@@ -170,7 +194,7 @@ def polar(re: jax.Array, im: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
   amplitude = jnp.where(nonzero, safe_amp, 0.0)
   safe_re = jnp.where(nonzero, re, 1.0)
   safe_im = jnp.where(nonzero, im, 0.0)
-  phase = jnp.where(nonzero, jnp.arctan2(safe_im, safe_re), 0.0)
+  phase = jnp.where(nonzero, principal_angle(safe_re, safe_im), 0.0)
   cos_phase = jnp.where(nonzero, safe_re / safe_amp, 1.0)
   sin_phase = jnp.where(nonzero, safe_im / safe_amp, 0.0)
   return amplitude, phase, cos_phase, sin_phase
@@ -245,7 +269,7 @@ def _mirror_phases(p: Polar, width: int) -> Polar:
 
 
 def guarded_polar(re: jax.Array, im: jax.Array, width: int, guard: str = "exact", floor: float = 1e-4,
-                  soft_eps: float = 1e-4, conjugate_pairs: bool = False) -> Polar:
+                  soft_eps: float = 1e-4, conjugate_pairs: bool = False, cut: str = "arctan2") -> Polar:
   """Reads a half spectrum X = re + i im [B, H, K, C] (float32, K = width//2 + 1) as amplitude and phase.
 
   Guards (`PHASE_GUARDS`, config model.phase_guard), each with the double-`where` zero guard of `polar`:
@@ -261,6 +285,9 @@ def guarded_polar(re: jax.Array, im: jax.Array, width: int, guard: str = "exact"
   conjugate_pairs: first projects the self-conjugate columns onto their Hermitian part (`_hermitian_columns`),
     then gives each conjugate pair of those columns one reading (rows u < H/2 mirrored onto -u, phase negated);
     a self-conjugate bin is then real, phase 0 (re >= 0) or pi (re < 0).
+  cut: the phase of a bin on the negative real axis, one of PHASE_CUTS: "principal" (`principal_angle`: +pi
+    whatever the sign of its zero or sub-resolution imaginary part) or "arctan2" (arctan2's -pi for a negative
+    one, as NumPy's and PyTorch's angle; the reference reading).
 
   Returns:
     A `Polar` of float32 arrays of re's shape.
@@ -273,13 +300,14 @@ def guarded_polar(re: jax.Array, im: jax.Array, width: int, guard: str = "exact"
   if guard == "floor":
     mean_power = jax.lax.stop_gradient(jnp.mean(power, axis=(1, 2), keepdims=True))
     nonzero = nonzero & (power >= floor * floor * mean_power)
-  amplitude, phase, phasor_re, phasor_im = _guarded_unit(re, im, power, nonzero)
+  check_phase_cut(cut)
+  amplitude, phase, phasor_re, phasor_im = _guarded_unit(re, im, power, nonzero, cut)
   carrier_re, carrier_im = jnp.where(nonzero, re, 0.0), jnp.where(nonzero, im, 0.0)
   if guard == "exact":
     carrier_re, carrier_im = re, im
   elif guard == "reference":
     shifted = re + REFERENCE_PHASE_SHIFT
-    _, phase, phasor_re, phasor_im = _guarded_unit(shifted, im, shifted * shifted + im * im, None)
+    _, phase, phasor_re, phasor_im = _guarded_unit(shifted, im, shifted * shifted + im * im, None, cut)
     phase = jnp.where(nonzero, phase, 0.0)
     phasor_re = jnp.where(nonzero, phasor_re, 1.0)
     phasor_im = jnp.where(nonzero, phasor_im, 0.0)
@@ -297,15 +325,17 @@ def guarded_polar(re: jax.Array, im: jax.Array, width: int, guard: str = "exact"
   return _mirror_phases(result, width) if conjugate_pairs else result
 
 
-def _guarded_unit(re, im, power, nonzero):
-  """(|X|, angle(X), re/|X|, im/|X|) with 0, 0, 1, 0 where `nonzero` is False (None: power > ZERO_POWER)."""
+def _guarded_unit(re, im, power, nonzero, cut):
+  """(|X|, angle(X), re/|X|, im/|X|) with 0, 0, 1, 0 where `nonzero` is False (None: power > ZERO_POWER);
+  angle(X) read as `cut` says (`guarded_polar`)."""
   if nonzero is None:
     nonzero = power > ZERO_POWER
   safe_amp = jnp.sqrt(jnp.where(nonzero, power, 1.0))
   safe_re = jnp.where(nonzero, re, 1.0)
   safe_im = jnp.where(nonzero, im, 0.0)
   amplitude = jnp.where(nonzero, safe_amp, 0.0)
-  phase = jnp.where(nonzero, jnp.arctan2(safe_im, safe_re), 0.0)
+  angle = principal_angle(safe_re, safe_im) if cut == "principal" else jnp.arctan2(safe_im, safe_re)
+  phase = jnp.where(nonzero, angle, 0.0)
   return amplitude, phase, jnp.where(nonzero, safe_re / safe_amp, 1.0), jnp.where(nonzero, safe_im / safe_amp, 0.0)
 
 

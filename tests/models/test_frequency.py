@@ -208,7 +208,8 @@ GUARDS = {"exact": dict(phase_guard="exact"),
 
 def _np_guard_kwargs(kw):
   return dict(guard=kw.get("phase_guard", "exact"), floor=kw.get("phase_floor", 1e-4),
-              soft_eps=kw.get("phase_soft_eps", 1e-4), conjugate_pairs=kw.get("conjugate_pairs", False))
+              soft_eps=kw.get("phase_soft_eps", 1e-4), conjugate_pairs=kw.get("conjugate_pairs", False),
+              cut=kw.get("phase_cut", "arctan2"))
 
 
 def _np_agp_guarded(x, kernel, kw):
@@ -274,6 +275,32 @@ def test_anm_on_post_relu_maps_at_layer4_sizes(height, width, guard):
   # 1/std; 1e-4 of the map's scale bounds it.
   np.testing.assert_allclose(f1, ref[0], atol=1e-4 * np.abs(ref[0]).max())
   np.testing.assert_allclose(f2, ref[1], atol=1e-4 * np.abs(ref[1]).max())
+
+
+@pytest.mark.parametrize("transform", frequency.SPECTRAL_TRANSFORMS)
+@pytest.mark.parametrize("guard", sorted(GUARDS))
+@pytest.mark.parametrize("height,width", [(1, 8), (2, 8), (4, 4), (8, 4)])
+def test_agp_with_the_principal_cut_reads_bins_on_the_cut_as_numpy_on_maps_with_zero_odd_columns(height, width,
+                                                                                                  guard, transform):
+  # A post-ReLU map whose odd columns are zero in some channels puts bins of the other columns exactly on the
+  # negative real axis (W = 4: X[u, 1] sums c0 - c2 + i (c3 - c1) over rows): with arctan2 AGP turns them by
+  # -pi s or +pi s as the sign of a zero or of rounding noise says (NumPy's FFT gives some -0.0, dft_matmul's
+  # matrices noise of either sign: they disagree by O(1)). phase_cut="principal" reads them as +pi
+  # (`spectral.principal_angle`). At these power-of-two sizes every transform computes those bins' imaginary
+  # parts as exact zeros or noise far below the angle's float32 step, so the float32 layer matches NumPy's float64
+  # to its rounding (1e-5 of the map's scale, as above).
+  x = _post_relu(10 * height + width, (4, height, width, 8))
+  x[:, :, 1::2, ::2] = 0.0
+  spec = _np_rfft2(x)
+  on_cut = (spec.imag == 0) & (spec.real < 0)
+  on_cut[:, :, list(spectral.self_conjugate_columns(width))] = False
+  assert on_cut.sum() >= 4  # the map puts bins on the cut (checked, not assumed)
+  kw = dict(GUARDS[guard], phase_cut="principal")
+  agp = frequency.AGP(groups=4, transform=transform, **kw)
+  variables = agp.init(jax.random.key(0), x)
+  y = jax.jit(agp.apply)(variables, x)
+  ref = _np_agp_guarded(x, _gate_kernel(variables["params"], 4), kw)
+  np.testing.assert_allclose(y, ref, atol=1e-5 * np.abs(ref).max())
 
 
 def _structured_maps(height, width, channels=12):

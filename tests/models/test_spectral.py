@@ -16,7 +16,13 @@ def _np_irfft2(spec, h, w):
   return np.fft.irfft2(spec, s=(h, w), axes=(1, 2), norm="ortho")
 
 
-def np_guarded_polar(spec, width, guard="exact", floor=1e-4, soft_eps=1e-4, conjugate_pairs=False):
+def np_principal_angle(spec):
+  """angle(spec) in (-pi, pi], float64: np.angle reads a -0.0 imaginary part on the negative real axis as -pi."""
+  angle = np.angle(spec)
+  return np.where(angle <= -np.pi, angle + 2.0 * np.pi, angle)
+
+
+def np_guarded_polar(spec, width, guard="exact", floor=1e-4, soft_eps=1e-4, conjugate_pairs=False, cut="arctan2"):
   """The guards of spectral.guarded_polar written from their definitions in NumPy float64.
 
   spec: complex [B, H, K, C]. Returns a dict of amplitude, phase, phasor (complex), carrier (complex), valid.
@@ -34,11 +40,12 @@ def np_guarded_polar(spec, width, guard="exact", floor=1e-4, soft_eps=1e-4, conj
   if guard == "floor":
     valid &= np.sqrt(power) >= floor * np.sqrt(mean_power)
   amp = np.where(valid, np.abs(spec), 0.0)
-  phase = np.where(valid, np.angle(spec), 0.0)
+  angle = np_principal_angle if cut == "principal" else np.angle
+  phase = np.where(valid, angle(spec), 0.0)
   phasor = np.where(valid, spec / np.where(valid, amp, 1.0), 1.0)
   carrier = spec if guard == "exact" else np.where(valid, spec, 0.0)
   if guard == "reference":
-    phase = np.where(valid, np.angle(spec + 1e-7), 0.0)
+    phase = np.where(valid, angle(spec + 1e-7), 0.0)
     phasor = np.exp(1j * phase)
     carrier = amp * phasor
   elif guard == "soft":
@@ -186,3 +193,34 @@ def test_polar_at_zero():
   np.testing.assert_array_equal(phase, 0.0)
   np.testing.assert_array_equal(cos, 1.0)
   np.testing.assert_array_equal(sin, 0.0)
+
+
+def test_principal_angle_reads_the_negative_real_axis_as_plus_pi_with_arctan2s_gradient():
+  re = np.float32([-1.0, -1.0, -1.0, -2.0, -1.0, 1.0, 0.5])
+  im = np.float32([-0.0, 0.0, -1e-9, 1e-9, -1e-3, -0.0, 0.5])
+  angle = np.asarray(jax.jit(spectral.principal_angle)(re, im))
+  # On the negative real axis (a zero of either sign, or noise below float32's 2.4e-7 rad step at pi) the
+  # principal value +pi, where arctan2 gives -pi for the negative ones; off the axis arctan2's value.
+  expected = np.float32([np.pi, np.pi, np.pi, np.pi, np.arctan2(-1e-3, -1.0), 0.0, np.pi / 4])
+  np.testing.assert_array_equal(angle[:4], expected[:4])
+  np.testing.assert_allclose(angle[4:], expected[4:], rtol=2e-7)
+  # d angle / d (re, im) = (-im, re) / (re^2 + im^2) (hand formula), also at the bins read as +pi.
+  grad_re, grad_im = jax.grad(lambda r, i: jnp.sum(spectral.principal_angle(r, i)), argnums=(0, 1))(re, im)
+  r64, i64 = re.astype(np.float64), im.astype(np.float64)
+  np.testing.assert_allclose(grad_re, -i64 / (r64 ** 2 + i64 ** 2), rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(grad_im, r64 / (r64 ** 2 + i64 ** 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("guard", ["exact", "reference"])
+def test_guarded_polar_phase_cut_reads_the_negative_real_axis_by_the_zeros_sign_or_as_plus_pi(guard):
+  # Bins [B=1, H=1, K=4, C=1]: on the negative real axis with imaginary part -0.0, +0.0, -1e-9 (below float32's
+  # 2.4e-7 rad step at pi); and -1 - 1e-3 i, off the axis. The "reference" guard's 1e-7 shift leaves them there.
+  re = np.float32([-1.0, -1.0, -2.0, -1.0]).reshape(1, 1, 4, 1)
+  im = np.float32([-0.0, 0.0, -1e-9, -1e-3]).reshape(1, 1, 4, 1)
+  off_axis = np.arctan2(-1e-3, -1.0 + (1e-7 if guard == "reference" else 0.0))
+  expected = {"arctan2": [-np.pi, np.pi, -np.pi, off_axis], "principal": [np.pi, np.pi, np.pi, off_axis]}
+  for cut, want in expected.items():
+    phase = jax.jit(lambda r, i, c=cut: spectral.guarded_polar(r, i, 6, guard, cut=c).phase)(re, im)
+    np.testing.assert_allclose(np.asarray(phase).ravel(), np.float32(want), rtol=2e-7)
+  with pytest.raises(ValueError, match="phase_cut='flip'"):
+    spectral.guarded_polar(re, im, 6, guard, cut="flip")
