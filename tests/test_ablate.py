@@ -20,8 +20,9 @@ from tests import subprocesses
 # The numerics alternatives: row -> the model fields it sets, written out here from configs/default.py's options.
 NUMERICS_ROWS = {
     "full_reference": {"anm_bn": "reference", "anm_inorm_stats": "instance", "phase_guard": "exact",
-                       "conjugate_pairs": False, "cnm_original": "raw"},
+                       "conjugate_pairs": False, "phase_cut": "arctan2", "cnm_original": "raw"},
     "full_exact_phase": {"phase_guard": "exact", "conjugate_pairs": False},
+    "full_principal_cut": {"phase_cut": "principal"},
     "full_cnm_standardized": {"cnm_original": "batch_standardized"},
     "full_inorm_exclude_dc": {"anm_inorm_stats": "exclude_dc"},
     "full_anm_bn_reference": {"anm_bn": "reference"},
