@@ -27,9 +27,10 @@ bins within `near_cut_angle` of the cut (`spectral.near_cut_fraction`) into the 
 Sparse post-ReLU maps put bins exactly on it (a blob at h = H/2 makes every odd row real and negative; zero odd
 columns make bins of the others real): there arctan2 reads -pi or +pi by the sign of a zero or of rounding noise,
 so AGP's fft vs dft_matmul outputs differed by 0.18 whatever the guard (3.7e-4 of the bins within 1e-3 rad).
-`phase_cut="principal"` (the config default) reads such bins as +pi (`spectral.principal_angle`): the transforms
-and NumPy's float64 then agree wherever the transform's noise there is below float32's angle step (power-of-two
-sizes; tests/models/test_frequency.py). "arctan2" (the reference reading) keeps -pi.
+`phase_cut="principal"` reads such bins as +pi (`spectral.principal_angle`): the transforms and NumPy's float64
+then agree wherever the transform's noise there is below float32's angle step (power-of-two sizes;
+tests/models/test_frequency.py). "arctan2" (the config default and the reference reading) keeps the sign reading;
+the demo's metrics over seeds did not favour either (docs/benchmarks.md, issue 17, ninth pass).
 """
 
 from typing import Any
