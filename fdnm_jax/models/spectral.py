@@ -292,6 +292,7 @@ def guarded_polar(re: jax.Array, im: jax.Array, width: int, guard: str = "exact"
   Returns:
     A `Polar` of float32 arrays of re's shape.
   """
+  check_phase_cut(cut)
   re, im = jnp.asarray(re, jnp.float32), jnp.asarray(im, jnp.float32)
   if conjugate_pairs:
     re, im = _hermitian_columns(re, im, width)
@@ -300,7 +301,6 @@ def guarded_polar(re: jax.Array, im: jax.Array, width: int, guard: str = "exact"
   if guard == "floor":
     mean_power = jax.lax.stop_gradient(jnp.mean(power, axis=(1, 2), keepdims=True))
     nonzero = nonzero & (power >= floor * floor * mean_power)
-  check_phase_cut(cut)
   amplitude, phase, phasor_re, phasor_im = _guarded_unit(re, im, power, nonzero, cut)
   carrier_re, carrier_im = jnp.where(nonzero, re, 0.0), jnp.where(nonzero, im, 0.0)
   if guard == "exact":
