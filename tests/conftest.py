@@ -21,6 +21,12 @@
   suite with the optimising compiler instead. In this mode XLA's older loop emitters for fused elementwise code
   (`CHEAP_COMPILE_XLA_FLAGS`, added to XLA_FLAGS unless the caller's XLA_FLAGS names the flag) compile the tiny
   model's train step in under half the time again, the same step-1 losses to float32 noise.
+- Bytecode written as the session imports: the test command installs with `pip install --no-compile` (pip's
+  byte-compilation of the whole stack, ~16,500 files, is ~48 s of one core; the suite imports ~5,300 of them), so
+  the session's processes write the bytecode of what they import, once, and the ~50 processes after them read it.
+  A PYTHONDONTWRITEBYTECODE=1 in the environment (the machines here set it) would make every process compile those
+  sources again (~11 CPU-s each), so the session lifts it for itself, its workers and their children (the files go
+  to `__pycache__` folders, which .gitignore lists). A venv installed with bytecode is read as it is.
 - The test files that hold a test marked `slow` (seconds to a minute each) are collected first: under xdist the
   long tests start early and the last work units handed out are short, so no worker idles for a minute at the end
   while the other finishes a long test (`pytest_collection_modifyitems`).
@@ -28,6 +34,7 @@
 
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -35,6 +42,10 @@ from fdnm_jax import platform
 from tests import shared_runs
 
 platform.configure_xla_flags()
+
+# Before any worker or child starts: they inherit the environment, and this process writes from here on.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 _OWN_CACHE_ENV = "FDNM_TEST_SESSION_CACHE"  # set when this session made the cache folder (and removes it).
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
