@@ -17,6 +17,7 @@ def get_config():
   config.input.num_ids_per_batch = 4
   config.input.num_instances = 2
   config.input.eval_batch_size = 16
+  config.input.resize = "pil_lanczos"  # the real data sets' resize (configs/synthetic.py's demo uses tf_bilinear).
   config.model.stage_sizes = (1, 1, 1, 1)
   config.model.width = 8
   config.optim.head_lr = 0.1  # the tests' figures were set with this (configs/synthetic.py's demo uses 0.5).
