@@ -1,8 +1,10 @@
 """How tests start fdnm-jax in a fresh process (`main.py`, a child script), as a user runs it.
 
 `env(devices)` keeps what the test session was started with (the user's XLA_FLAGS, e.g.
-`--xla_cpu_max_isa=AVX2` to run the numerical tests on the other CPU type's code paths, and the session's
-persistent compilation cache, see tests/conftest.py) and sets the number of fake CPU devices.
+`--xla_cpu_max_isa=AVX2` to run XLA's own generated code on the other CPU type's instructions, with
+`--xla_cpu_experimental_ynn_fusion_type=` beside it to also take the products and reductions away from YNNPACK,
+whose kernels follow the CPU's features whatever that flag says; and the session's persistent compilation cache,
+see tests/conftest.py) and sets the number of fake CPU devices.
 """
 
 import os
