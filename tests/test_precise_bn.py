@@ -179,8 +179,13 @@ def test_fdnm_bnneck_statistics_equal_those_of_the_eval_mode_features():
   feats = [np.asarray(apply(new, b["visible"], b["infrared"])) for b in batches]  # [2 branches, B, D] each
   mean, var = _population([f.reshape(-1, f.shape[-1]) for f in feats])
   got = new["batch_stats"]["bnneck"]
-  np.testing.assert_allclose(got["mean"], mean, rtol=1e-5, atol=1e-6 * float(np.sqrt(var.max())))
-  np.testing.assert_allclose(got["var"], var, rtol=1e-5)
+  # Two float32 programs of this model (recalibration's level by level, the eval apply) give features that are each
+  # within ~5e-6 (relative) of a float64 run at 64 x 32 (tests/test_sharding.py, full_model_config), so up to ~1e-5
+  # apart: the means within 1e-5 of the features' largest std, the variances (squares) within 2e-5 relative. The
+  # kernels decide where in that bound a run lands: 1e-6 held with YNNPACK's AVX-512 kernels and missed without them
+  # (XLA_FLAGS="--xla_cpu_max_isa=AVX2 --xla_cpu_experimental_ynn_fusion_type=", docs/benchmarks.md, tenth pass).
+  np.testing.assert_allclose(got["mean"], mean, rtol=1e-5, atol=1e-5 * float(np.sqrt(var.max())))
+  np.testing.assert_allclose(got["var"], var, rtol=2e-5)
   # The checkpoint's (init) statistics were not those: the test can fail.
   assert not np.allclose(variables["batch_stats"]["bnneck"]["var"], var, rtol=0.1)
   assert info["levels"] == 15 and info["forward_passes"] == 30
