@@ -26,12 +26,12 @@ def get_config():
   config.input.eval_batch_size = 128
   config.model.stage_sizes = (1, 1, 1, 1)
   # Width 8, 20 epochs (1,140 steps), the classifier/BNNeck at lr 0.5, TensorFlow's bilinear resize: mAP V->I / I->V
-  # 61.08 / 63.66, 55.04 / 55.34, 52.76 / 56.23 for seeds 0, 1, 2 (AVX-512 type, 2026-12-06), in the wall time of
-  # the earlier 16-epoch recipe (decays (12, 15), PIL Lanczos), which ended at 44.08 / 44.33, 50.03 / 49.57,
-  # 45.50 / 45.32 for the same seeds on that machine and at 57.06 / 55.17 on an earlier one: that recipe stopped on
+  # 63.66 / 61.08, 55.34 / 55.04, 56.23 / 52.76 for seeds 0, 1, 2 (AVX-512 type, 2026-12-06), in the wall time of
+  # the earlier 16-epoch recipe (decays (12, 15), PIL Lanczos), which ended at 44.08 / 44.33, 49.57 / 50.03,
+  # 45.32 / 45.50 for the same seeds on that machine and at 57.06 / 55.17 on an earlier one: that recipe stopped on
   # the steep part of its learning curve, so a seed or a CPU's rounding moved it across the issue-17 goal (mAP >= 50
   # both ways, under 6 minutes on the AVX2-only type). Decaying earlier at 16 epochs was worse (decays (8, 14):
-  # 27.17 / 26.46, 43.26 / 43.44, 35.26 / 37.68); 24 epochs with head lr 0.1 reached 72.0 / 70.0 in 173 s
+  # 26.46 / 27.17, 43.44 / 43.26, 37.68 / 35.26); 24 epochs with head lr 0.1 reached 72.0 / 70.0 in 173 s
   # (docs/benchmarks.md, issue 17, tenth pass).
   config.model.width = 8
   config.optim.base_lr = 0.1  # trained from scratch (no ImageNet weights): a larger backbone lr than the paper's 0.01.
