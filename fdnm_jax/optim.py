@@ -7,6 +7,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 HEAD_PREFIXES = ("bnneck", "classifier")  # top-level param names trained with optim.head_lr.
@@ -16,13 +17,20 @@ def lr_factor_fn(schedule: ml_collections.ConfigDict, steps_per_epoch: int) -> C
   """Multiplier of the base learning rate at a step (per-epoch, as DEEN's `adjust_learning_rate`).
 
   epoch = step // steps_per_epoch; factor = (epoch+1)/warmup_epochs while epoch < warmup_epochs,
-  else decay_factor ** (number of decay_epochs <= epoch). Works on Python ints and traced arrays.
+  else decay_factor ** (number of decay_epochs <= epoch). On a traced or JAX array (the optimiser's step count)
+  it is a float32 array; on a Python or NumPy integer (the host's logging) the same rule in Python floats, so the
+  host dispatches no device ops for it (each would compile a program once per process).
   """
   warmup = schedule.warmup_epochs
   decay_epochs = tuple(schedule.decay_epochs)
   decay = schedule.decay_factor
 
   def factor(step):
+    if isinstance(step, (int, np.integer)):
+      epoch = int(step) // steps_per_epoch
+      if warmup > 0 and epoch < warmup:
+        return (epoch + 1) / warmup
+      return float(decay ** sum(epoch >= d for d in decay_epochs))
     epoch = jnp.asarray(step) // steps_per_epoch
     num_decays = sum((epoch >= d).astype(jnp.float32) for d in decay_epochs) if decay_epochs else 0.0
     stepped = jnp.power(decay, num_decays)

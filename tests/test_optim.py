@@ -1,5 +1,6 @@
 """The optimiser against PyTorch's SGD written out in NumPy, and the schedule against DEEN's rule."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,8 +21,10 @@ def test_lr_factor_follows_deen_rule(epoch, expected):
   # DEEN adjust_learning_rate: e<10: (e+1)/10; e<20: 1; e<80: 0.1; else 0.01.
   steps_per_epoch = 7
   factor = optim.lr_factor_fn(_schedule(), steps_per_epoch)
+  traced = jax.jit(factor)  # as the optimiser calls it: on its step count, inside the train step.
   for step in (epoch * steps_per_epoch, epoch * steps_per_epoch + steps_per_epoch - 1):
-    assert float(factor(step)) == pytest.approx(expected, rel=1e-6)
+    assert float(factor(step)) == pytest.approx(expected, rel=1e-6)  # the host's Python path (logging).
+    assert float(traced(jnp.asarray(step, jnp.int32))) == pytest.approx(expected, rel=1e-6)
 
 
 def _torch_sgd(p, grads, lr, momentum, wd, nesterov):
