@@ -191,15 +191,18 @@ def main(argv):
   except FdnmError as e:
     _fail(str(e))
   _quiet_library_info_logs()
-  from fdnm_jax import platform  # pylint: disable=g-import-not-at-top
-  platform.configure_xla_flags()  # CPU-only XLA flags (docs/benchmarks.md); before any JAX backend starts.
-  from fdnm_jax import distributed  # pylint: disable=g-import-not-at-top
-  try:  # before anything touches the devices.
-    distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  except FdnmError as e:
-    _fail(str(e))
-  _hide_accelerators_from_tf()
-  from fdnm_jax import train  # pylint: disable=g-import-not-at-top  (after TF is configured)
+  from fdnm_jax import import_gc  # pylint: disable=g-import-not-at-top
+  with import_gc.paused_then_frozen():  # the heavy imports without the GC's passes over them (import_gc).
+    from fdnm_jax import platform  # pylint: disable=g-import-not-at-top
+    platform.configure_xla_flags()  # CPU-only XLA flags (docs/benchmarks.md); before any JAX backend starts.
+    from fdnm_jax import distributed  # pylint: disable=g-import-not-at-top
+    try:  # before anything touches the devices.
+      distributed.maybe_initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    except FdnmError as e:
+      _fail(str(e))
+    _hide_accelerators_from_tf()
+    from fdnm_jax import train  # pylint: disable=g-import-not-at-top  (after TF is configured)
 
   if config is not None:
     logging.info("Config:\n%s", config)

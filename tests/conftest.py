@@ -7,7 +7,9 @@
   child process a test starts (tests/subprocesses.py keeps the environment), and removed when the session ends.
   Identical programs (the tiny model's train step, its embedding function) then compile once per session instead
   of once per process. A JAX_COMPILATION_CACHE_DIR set by the caller is used as it is and kept.
-- TensorFlow imported as main.py imports it, without its eager Keras import (fdnm_jax/tensorflow_import.py).
+- TensorFlow imported as main.py imports it, without its eager Keras import (fdnm_jax/tensorflow_import.py), and,
+  as main.py does, a test process's imports (TensorFlow, JAX, the test modules) made with the cyclic GC paused and
+  their objects frozen once collection ends (fdnm_jax/import_gc.py).
 - One session folder (FDNM_TEST_SESSION_DIR, made and removed like the cache folder) for the runs that
   tests/shared_runs.py trains once per session; the `tiny_run` fixture is the finished tiny run.
 - Under `--dist loadgroup` (.ci/run, the README) every module marked `xdist_group` must really be grouped (its
@@ -38,8 +40,10 @@ import sys
 import tempfile
 
 import pytest
-from fdnm_jax import platform
+from fdnm_jax import import_gc, platform
 from tests import shared_runs
+
+_GC_WAS_ENABLED = pytest.StashKey[bool]()
 
 platform.configure_xla_flags()
 
@@ -92,6 +96,9 @@ def pytest_configure(config):
       _remove_own_folders()  # the session ends here, before pytest_unconfigure would run.
       raise
   if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+    # The imports from here to the end of collection (TensorFlow, JAX, the test modules) without the cyclic GC's
+    # passes, their objects frozen after (fdnm_jax/import_gc.py, as main.py does): `pytest_collection_finish`.
+    config.stash[_GC_WAS_ENABLED] = import_gc.pause()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as main.py.
     from fdnm_jax import tensorflow_import  # pylint: disable=g-import-not-at-top
     # TensorFlow's C++ start-up lines (oneDNN, absl) go to fd 2 whatever TF_CPP_MIN_LOG_LEVEL says, and here, before
@@ -104,6 +111,12 @@ def pytest_configure(config):
       os.dup2(saved, 2)
       os.close(saved)
       os.close(devnull)
+
+
+def pytest_collection_finish(session):
+  """A test process's imports are done (`pytest_configure` paused the cyclic GC): freeze their objects, resume."""
+  if _GC_WAS_ENABLED in session.config.stash:
+    import_gc.freeze_and_resume(session.config.stash[_GC_WAS_ENABLED])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -150,9 +150,10 @@ def _steps(fns, run, mesh, state, start, n, config, after_step=None):
 def _child(workdir):
   """Runs in a process with 8 CPU devices: 3 steps of `non_chaotic_config` on each mesh, and an 8-device checkpoint
   restored on 1 device."""
-  from fdnm_jax import tensorflow_import  # pylint: disable=g-import-not-at-top
-  tensorflow_import.load()  # as main.py imports it (1.7 s less).
-  from fdnm_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
+  from fdnm_jax import import_gc, tensorflow_import  # pylint: disable=g-import-not-at-top
+  with import_gc.paused_then_frozen():  # as main.py imports them (fdnm_jax/import_gc.py).
+    tensorflow_import.load()  # as main.py imports it (1.7 s less).
+    from fdnm_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
   config = non_chaotic_config()
   out = {"losses": {}, "specs": {}, "shard_shapes": {}}
   fns = {}
@@ -204,9 +205,10 @@ def _full_child(workdir):
   """Runs in a process with 8 CPU devices: the first step of `full_model_config` on each of FULL_MODEL_MESHES
   (out["fft"]) and of `dft_model_config` on each of DFT_MESHES (out["dft"]), each model from the same initial
   state on every mesh (initialised once; `_child` tests initialising on a sharded mesh)."""
-  from fdnm_jax import tensorflow_import  # pylint: disable=g-import-not-at-top
-  tensorflow_import.load()
-  from fdnm_jax import train  # pylint: disable=g-import-not-at-top
+  from fdnm_jax import import_gc, tensorflow_import  # pylint: disable=g-import-not-at-top
+  with import_gc.paused_then_frozen():  # as main.py imports them (fdnm_jax/import_gc.py).
+    tensorflow_import.load()
+    from fdnm_jax import train  # pylint: disable=g-import-not-at-top
   out, fns = {"fft": {}, "dft": {}}, {}
   for key, config, meshes in (("fft", full_model_config(), FULL_MODEL_MESHES),
                               ("dft", dft_model_config(), DFT_MESHES)):
