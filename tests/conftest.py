@@ -23,8 +23,9 @@
   suite with the optimising compiler instead. In this mode XLA's older loop emitters for fused elementwise code
   (`CHEAP_COMPILE_XLA_FLAGS`, added to XLA_FLAGS unless the caller's XLA_FLAGS names the flag) compile the tiny
   model's train step in under half the time again, the same step-1 losses to float32 noise.
-- Bytecode written as the session imports: the test command installs with `pip install --no-compile` (pip's
-  byte-compilation of the whole stack, ~16,500 files, is ~48 s of one core; the suite imports ~5,300 of them), so
+- Bytecode written as the session imports: the test command installs without bytecode (`python tools/install.py
+  requirements-dev.txt`: uv, or pip with `--no-compile`; pip's byte-compilation of the whole stack, ~16,500 files,
+  is ~48 s of one core; the suite imports ~5,300 of them), so
   the session's processes write the bytecode of what they import, once, and the ~50 processes after them read it.
   A PYTHONDONTWRITEBYTECODE=1 in the environment (the machines here set it) would make every process compile those
   sources again (~11 CPU-s each), so the session lifts it for itself, its workers and their children (the files go
