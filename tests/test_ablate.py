@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from configs.ablations import DATASET_CONFIGS
+from fdnm_jax import losses
 from fdnm_jax.errors import FlagError
-from fdnm_jax.models import resnet
+from fdnm_jax.models import fdnm_from_config, resnet
 from launch import ablate
 from tests import subprocesses
 
@@ -194,3 +195,22 @@ def test_markdown_table_of_single_reports():
   only = ablate.markdown_table([("baseline", report(10.0, 0.25), "—")], metrics=["mAP", "rank1"]).splitlines()
   assert only[0] == "| row | seeds | v2i R1 | v2i mAP | i2v R1 | i2v mAP | params (M) | step (s) | config diff |"
   assert only[2] == "| baseline | 1 | 10.00 | 13.00 | 10.00 | 13.00 | 1.500 | 0.250 | — |"
+
+
+@pytest.mark.parametrize("row", ablate.ALL_ROWS)
+def test_every_rows_model_and_loss_trace_under_jit(row):
+  """Each row's model (its FDNM fields; at width 4 with one block per stage) and loss trace as the train step runs
+  them, under jax.jit: a module that needs a concrete value (a Python float of a traced array) fails here, not
+  hours into a user's ablation. Traced only (jax.eval_shape): nothing is compiled."""
+  config = ablate.load_config(row, "synthetic")
+  config.model.stage_sizes, config.model.width = (1, 1, 1, 1), 4
+  model = fdnm_from_config(config.model, num_classes=3)
+  images = jax.ShapeDtypeStruct((4, 64, 32, 3), jnp.float32)
+  labels, modality = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int32), np.array([0] * 4 + [1] * 4, np.int32)
+
+  def loss(visible, infrared):  # the train-mode pass, traced once: init's.
+    outputs, _ = model.init_with_output(jax.random.key(0), visible, infrared, train=True)
+    return losses.total_loss(outputs, labels, modality, config.loss)
+
+  total, terms = jax.eval_shape(loss, images, images)
+  assert total.shape == () and total.dtype == jnp.float32 and "id" in terms

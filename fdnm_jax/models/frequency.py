@@ -162,8 +162,8 @@ class _ExcludeDCNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
     weight = np.ones(x.shape[1:3], np.float32)
     weight[0, 0] = 0.0
+    count = float(weight.sum())  # from the NumPy mask: a jnp sum would be a tracer under jax.jit.
     weight = jnp.asarray(weight)[None, :, :, None]
-    count = float(weight.sum())
     mean = jnp.sum(x * weight, axis=(1, 2), keepdims=True) / count
     var = jnp.sum(weight * jnp.square(x - mean), axis=(1, 2), keepdims=True) / count
     return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
