@@ -84,22 +84,22 @@ def test_cross_entropy(eps):
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(6, 5)).astype(np.float32) * 3
   labels = rng.integers(0, 5, 6)
-  np.testing.assert_allclose(losses.cross_entropy(logits, labels, eps), _np_cross_entropy(logits, labels, eps),
-                             rtol=1e-5)
+  value = jax.jit(losses.cross_entropy, static_argnums=2)(logits, labels, eps)
+  np.testing.assert_allclose(value, _np_cross_entropy(logits, labels, eps), rtol=1e-5)
 
 
 def test_batch_hard_triplet():
   x, labels, _ = _batch(1)
+  fn = jax.jit(losses.batch_hard_triplet)  # the margin traced: one program for both margins.
   for margin in (0.3, 5.0):
-    np.testing.assert_allclose(losses.batch_hard_triplet(x, labels, margin), _np_batch_hard(x, labels, margin),
-                               rtol=1e-5)
-  single = losses.batch_hard_triplet(x, np.zeros_like(labels))
+    np.testing.assert_allclose(fn(x, labels, margin), _np_batch_hard(x, labels, margin), rtol=1e-5)
+  single = fn(x, np.zeros_like(labels))
   assert float(single) == 0.0
 
 
 def test_weighted_regularized_triplet():
   x, labels, _ = _batch(2)
-  np.testing.assert_allclose(losses.weighted_regularized_triplet(x, labels), _np_wrt(x, labels), rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(losses.weighted_regularized_triplet)(x, labels), _np_wrt(x, labels), rtol=1e-5)
 
 
 def test_cnm_hand_built_batch_and_stop_gradient():
@@ -110,7 +110,7 @@ def test_cnm_hand_built_batch_and_stop_gradient():
   n = np.array([[0.5, 0], [0, 0.05], [100.5, 0], [100, 0.05]], np.float32)
   labels = np.array([7, 7, 3, 3])
   modality = np.array([0, 1, 0, 1])
-  value, (g_o, g_n) = jax.value_and_grad(losses.center_nuances_mining, argnums=(0, 1))(o, n, labels, modality)
+  value, (g_o, g_n) = jax.jit(jax.value_and_grad(losses.center_nuances_mining, argnums=(0, 1)))(o, n, labels, modality)
   np.testing.assert_allclose(value, 0.1, rtol=1e-5)  # mean_p (0.2 + 0) / 2
   np.testing.assert_allclose(value, _np_cnm(o, n, labels, modality, 0.2), rtol=1e-5)
   g_o, g_n = np.asarray(g_o), np.asarray(g_n)
@@ -124,7 +124,7 @@ def test_cnm_hand_built_batch_and_stop_gradient():
 
 
 def test_cnm_random_batches_match_numpy_and_are_nonnegative():
-  fn = jax.jit(losses.center_nuances_mining, static_argnames="margin")
+  fn = jax.jit(losses.center_nuances_mining)  # the margin traced: one program per batch size, not per margin.
   for seed in range(6):
     o, labels, modality = _batch(seed, scale=0.3)
     n = o + np.random.default_rng(seed + 50).normal(size=o.shape).astype(np.float32) * 0.3
@@ -148,7 +148,7 @@ def test_cnm_random_batches_match_numpy_and_are_nonnegative():
 def test_cnm_needs_two_complete_identities():
   o, labels, modality = _batch(3, num_ids=2)
   modality = np.where(labels != labels[0], 0, modality)  # the second identity has no infrared image
-  value, grad = jax.value_and_grad(losses.center_nuances_mining)(o, o * 2, labels, modality)
+  value, grad = jax.jit(jax.value_and_grad(losses.center_nuances_mining))(o, o * 2, labels, modality)
   assert float(value) == 0.0
   assert np.all(np.asarray(grad) == 0.0)
 
@@ -156,7 +156,7 @@ def test_cnm_needs_two_complete_identities():
 def test_orthogonality():
   rng = np.random.default_rng(4)
   a, b = rng.normal(size=(2, 5, 7)).astype(np.float32)
-  np.testing.assert_allclose(losses.orthogonality(a, b), np.mean([a[i] @ b[i] for i in range(5)]), rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(losses.orthogonality)(a, b), np.mean([a[i] @ b[i] for i in range(5)]), rtol=1e-5)
 
 
 def _config(**kwargs):
@@ -164,6 +164,11 @@ def _config(**kwargs):
               cnm_weight=0.8, cnm_margin=0.2, ortho_weight=0.0)
   base.update(kwargs)
   return types.SimpleNamespace(**base)
+
+
+def _jit_total_loss(cfg):
+  """total_loss with the config closed over, jitted: one compiled program instead of one per op."""
+  return jax.jit(lambda outputs, labels, modality: losses.total_loss(outputs, labels, modality, cfg))
 
 
 def _outputs(seed, branches, nuances, parts=0, num_classes=6):
@@ -184,7 +189,7 @@ def _outputs(seed, branches, nuances, parts=0, num_classes=6):
 def test_total_loss_weighting_with_nuances():
   outputs, labels, modality = _outputs(5, branches=2, nuances=2)
   cfg = _config(id_weight=0.7, label_smoothing=0.1, triplet_weight=1.3, cnm_weight=0.8, ortho_weight=0.05)
-  total, terms = losses.total_loss(outputs, labels, modality, cfg)
+  total, terms = _jit_total_loss(cfg)(outputs, labels, modality)
   ce = np.mean([_np_cross_entropy(l, labels, 0.1) for l in outputs["logits"]])
   tri = _np_batch_hard(np.concatenate(list(outputs["features"])), np.tile(labels, 2), 0.3)
   cnm = sum(_np_cnm(outputs["global"].astype(np.float64), nu.astype(np.float64), labels, modality, 0.2)
@@ -198,11 +203,12 @@ def test_total_loss_weighting_with_nuances():
 
 def test_total_loss_without_nuances_wrt_and_parts():
   outputs, labels, modality = _outputs(6, branches=1, nuances=0, parts=2)
-  total, terms = losses.total_loss(outputs, labels, modality, _config(triplet="wrt", ortho_weight=1.0))
+  total, terms = _jit_total_loss(_config(triplet="wrt", ortho_weight=1.0))(outputs, labels, modality)
   assert float(terms["cnm"]) == 0.0 and float(terms["ortho"]) == 0.0
   tri = np.mean([_np_wrt(f, labels) for f in outputs["features"]])  # one group per stripe and the global
   np.testing.assert_allclose(terms["triplet"], tri, rtol=1e-5)
-  np.testing.assert_allclose(total, terms["id"] + terms["triplet"], rtol=1e-6)
+  # NumPy's float32 add (the same IEEE sum) rather than an eager jax add, which compiles a program.
+  np.testing.assert_allclose(total, np.asarray(terms["id"]) + np.asarray(terms["triplet"]), rtol=1e-6)
   with pytest.raises(ValueError, match="loss.triplet"):
     losses.total_loss(outputs, labels, modality, _config(triplet="soft"))
 

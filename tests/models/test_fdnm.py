@@ -81,6 +81,7 @@ def test_train_outputs(combo):
     assert np.all(np.isfinite(np.asarray(v)))
   changed = jax.tree.map(lambda a, c: not np.allclose(a, c), variables["batch_stats"], updated["batch_stats"])
   assert all(jax.tree.leaves(changed))
+  out = jax.device_get(out)  # NumPy copies: each eager slice of a jax array below would compile a program.
   np.testing.assert_array_equal(out["cnm_original"], out["global"])  # cnm_original="raw": the pooled original.
   if name == "anm3_keep":
     np.testing.assert_array_equal(out["global"], out["features"][0])  # the original branch
@@ -111,9 +112,10 @@ def test_eval_single_modality_and_modality_specific_stems():
   model = _tiny(**COMBOS["anm3_keep"], agp_stages=(1,))
   visible, infrared = _images(1)
   variables = _random_variables(model, visible, infrared, seed=1)
-  joint = _apply_eval(model, variables, visible, infrared)
-  vis_only = _apply_eval(model, variables, visible, None)
-  ir_only = _apply_eval(model, variables, None, infrared)
+  # NumPy copies (jax.device_get): each eager slice of a jax array below would compile a program.
+  joint = jax.device_get(_apply_eval(model, variables, visible, infrared))
+  vis_only = jax.device_get(_apply_eval(model, variables, visible, None))
+  ir_only = jax.device_get(_apply_eval(model, variables, None, infrared))
   for key in ("global", "embedding"):
     np.testing.assert_allclose(vis_only[key], joint[key][:BV], atol=1e-5)
     np.testing.assert_allclose(ir_only[key], joint[key][BV:], atol=1e-5)
@@ -122,7 +124,7 @@ def test_eval_single_modality_and_modality_specific_stems():
 
   params = dict(variables["params"])
   params["infrared_stem"] = jax.tree.map(lambda a: a * 1.5, params["infrared_stem"])
-  moved = _apply_eval(model, {**variables, "params": params}, visible, infrared)
+  moved = jax.device_get(_apply_eval(model, {**variables, "params": params}, visible, infrared))
   for key in ("global", "embedding"):
     np.testing.assert_array_equal(moved[key][:BV], joint[key][:BV])
     assert not np.allclose(moved[key][BV:], joint[key][BV:])
@@ -138,7 +140,7 @@ def test_param_tree_and_head_init():
   assert set(p["agp1"]) == {"gate_0", "gate_1", "gate_2", "gate_3"} and p["agp1"]["gate_0"]["kernel"].shape == (32, 8)
   assert set(p["bnneck"]) == {"scale"}
   assert p["classifier"]["kernel"].shape == (D, NUM_CLASSES)
-  scale = np.asarray(fdnm.bnneck_scale_init(jax.random.key(0), (20000,)))
+  scale = np.asarray(jax.jit(lambda: fdnm.bnneck_scale_init(jax.random.key(0), (20000,)))())  # one program
   assert abs(scale.mean() - 1.0) < 0.001 and abs(scale.std() - 0.02) < 0.001
 
 
@@ -188,16 +190,22 @@ def test_batch_standardized_cnm_original_matches_numpy():
   model = _tiny(anm_stage=4, cnm_original="batch_standardized")
   visible, infrared = _images(2)
   variables = _random_variables(model, visible, infrared, seed=2)
-  seen = []
 
-  def record_anm_input(next_fun, args, kwargs, context):
-    if isinstance(context.module, frequency.ANM):
-      seen.append(args[0])  # with ANM after the last stage its input is the original map.
-    return next_fun(*args, **kwargs)
+  @jax.jit  # one compiled program instead of one per op; ANM's input is returned as an output.
+  def apply_recording(variables, visible, infrared):
+    seen = []
 
-  with nn.intercept_methods(record_anm_input):
-    out, _ = model.apply(variables, visible, infrared, train=True, mutable=["batch_stats"])
-  x = np.asarray(seen[0], np.float64)
+    def record_anm_input(next_fun, args, kwargs, context):
+      if isinstance(context.module, frequency.ANM):
+        seen.append(args[0])  # with ANM after the last stage its input is the original map.
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record_anm_input):
+      out, _ = model.apply(variables, visible, infrared, train=True, mutable=["batch_stats"])
+    return out, seen[0]
+
+  out, anm_input = apply_recording(variables, visible, infrared)
+  x = np.asarray(anm_input, np.float64)
   standardized = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-5)
   # float32 arithmetic on O(1) values over a 4x2x256 map: ~1e-6 absolute; 1e-5 leaves room for the sums' order.
   np.testing.assert_allclose(out["cnm_original"], standardized.mean(axis=(1, 2)), atol=1e-5)

@@ -50,6 +50,11 @@ def _np_anm(f, p, stats=None):
   return outs
 
 
+def _jit_init(module, x, seed=0):
+  """`module.init` under jax.jit: one compiled program instead of one per eager op of the forward pass."""
+  return jax.jit(module.init)(jax.random.key(seed), x)
+
+
 def _gate_kernel(params, groups):
   return np.concatenate([np.asarray(params[f"gate_{g}"]["kernel"], np.float64) for g in range(groups)], axis=1)
 
@@ -63,10 +68,10 @@ def test_agp_matches_numpy(shape, transform):
   x = np.random.default_rng(0).uniform(0.0, 2.0, size=shape).astype(np.float32)
   x[0, ..., 0] -= 3.0  # a channel with a negative DC bin (phase pi)
   agp = frequency.AGP(groups=4, transform=transform)
-  variables = agp.init(jax.random.key(1), x)
+  variables = _jit_init(agp, x, 1)
   kernel = _gate_kernel(variables["params"], 4)
   assert kernel.shape == (shape[-1], shape[-1])
-  y = agp.apply(variables, x)
+  y = jax.jit(agp.apply)(variables, x)
   assert y.dtype == jnp.float32 and y.shape == x.shape
   np.testing.assert_allclose(np.asarray(y), _np_agp(x, kernel), atol=1e-5)
 
@@ -74,14 +79,15 @@ def test_agp_matches_numpy(shape, transform):
 def test_agp_gate_zero_is_identity_and_gate_one_doubles_phase():
   x = np.random.default_rng(1).uniform(0.0, 1.0, size=(2, 7, 5, 8)).astype(np.float32)
   agp = frequency.AGP(groups=2)
-  variables = agp.init(jax.random.key(0), x)
+  variables = _jit_init(agp, x)
+  apply = jax.jit(agp.apply)
   # Mean amplitudes are > 0, so huge kernels saturate the sigmoid to exactly 0 or 1.
   closed = jax.tree.map(lambda k: jnp.full_like(k, -1e4), variables)
-  y = agp.apply(closed, x)
+  y = apply(closed, x)
   np.testing.assert_allclose(np.asarray(y), x, atol=1e-5)
   np.testing.assert_allclose(np.asarray(y), _np_agp(x, None, gate=np.zeros((2, 8))), atol=1e-5)
   opened = jax.tree.map(lambda k: jnp.full_like(k, 1e4), variables)
-  np.testing.assert_allclose(np.asarray(agp.apply(opened, x)), _np_agp(x, None, gate=np.ones((2, 8))),
+  np.testing.assert_allclose(np.asarray(apply(opened, x)), _np_agp(x, None, gate=np.ones((2, 8))),
                              atol=1e-5)
 
 
@@ -101,10 +107,10 @@ def _randomise_norms(variables, seed):
 def test_anm_matches_numpy_train_and_eval(transform):
   f = np.random.default_rng(2).normal(size=(3, 6, 4, 8)).astype(np.float32)
   anm = frequency.ANM(bn_momentum=0.9, transform=transform)
-  variables = _randomise_norms(anm.init(jax.random.key(0), f), 3)
+  variables = _randomise_norms(_jit_init(anm, f), 3)
   p = variables["params"]
   assert set(p) == {"conv1", "conv2", "inorm1", "inorm2", "bn"}
-  (f1, f2), updated = anm.apply(variables, f, train=True, mutable=["batch_stats"])
+  (f1, f2), updated = jax.jit(lambda v, x: anm.apply(v, x, train=True, mutable=["batch_stats"]))(variables, f)
   ref1, ref2 = _np_anm(f, p)
   np.testing.assert_allclose(np.asarray(f1), ref1, atol=1e-5)
   np.testing.assert_allclose(np.asarray(f2), ref2, atol=1e-5)
@@ -117,7 +123,7 @@ def test_anm_matches_numpy_train_and_eval(transform):
     mean = 0.9 * mean + 0.1 * yi.mean(axis=(0, 1, 2))
   np.testing.assert_allclose(np.asarray(updated["batch_stats"]["bn"]["mean"]), mean, atol=1e-5)
 
-  e1, e2 = anm.apply(variables, f, train=False)
+  e1, e2 = jax.jit(lambda v, x: anm.apply(v, x, train=False))(variables, f)
   ref1, ref2 = _np_anm(f, p, stats=variables["batch_stats"]["bn"])
   np.testing.assert_allclose(np.asarray(e1), ref1, atol=1e-5)
   np.testing.assert_allclose(np.asarray(e2), ref2, atol=1e-5)
@@ -127,9 +133,9 @@ def test_anm_matches_numpy_train_and_eval(transform):
 def test_gradients_finite_for_all_zero_map(transform):
   zeros = jnp.zeros((2, 6, 4, 8), jnp.float32)
   agp = frequency.AGP(groups=4, transform=transform)
-  agp_vars = agp.init(jax.random.key(0), zeros)
+  agp_vars = _jit_init(agp, zeros)
   anm = frequency.ANM(transform=transform)
-  anm_vars = anm.init(jax.random.key(0), zeros)
+  anm_vars = _jit_init(anm, zeros)
 
   def agp_loss(params, x):
     return jnp.sum(agp.apply({"params": params}, x) ** 2 + agp.apply({"params": params}, x))
@@ -149,11 +155,11 @@ def test_gradients_finite_for_all_zero_map(transform):
 def test_bfloat16_input_keeps_ffts_in_float32():
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 6, 4, 8)), jnp.bfloat16)
   agp = frequency.AGP(groups=4)
-  agp_vars = agp.init(jax.random.key(0), x)
-  assert agp.apply(agp_vars, x).dtype == jnp.bfloat16
+  agp_vars = _jit_init(agp, x)
+  assert jax.jit(agp.apply)(agp_vars, x).dtype == jnp.bfloat16
   anm = frequency.ANM(dtype=jnp.bfloat16)
-  anm_vars = anm.init(jax.random.key(0), x)
-  assert all(o.dtype == jnp.bfloat16 for o in anm.apply(anm_vars, x))
+  anm_vars = _jit_init(anm, x)
+  assert all(o.dtype == jnp.bfloat16 for o in jax.jit(anm.apply)(anm_vars, x))
 
   model = FDNM(num_classes=3, stage_sizes=(1, 1, 1, 1), width=8, dtype=jnp.bfloat16, agp_stages=(1, 2),
                anm_stage=4)
@@ -256,7 +262,7 @@ def _post_relu(seed, shape):
 def test_agp_on_post_relu_maps_at_layer1_sizes(height, width, guard):
   x = _post_relu(height, (2, height, width, 8))
   agp = frequency.AGP(groups=4, **GUARDS[guard])
-  variables = agp.init(jax.random.key(0), x)
+  variables = _jit_init(agp, x)
   y = jax.jit(agp.apply)(variables, x)
   # y is O(1); float32 FFTs of 2592-3456 points round to ~1e-6 relative (u log2(HW)), 1e-5 leaves margin.
   np.testing.assert_allclose(y, _np_agp_guarded(x, _gate_kernel(variables["params"], 4), GUARDS[guard]), atol=1e-5)
@@ -267,7 +273,7 @@ def test_agp_on_post_relu_maps_at_layer1_sizes(height, width, guard):
 def test_anm_on_post_relu_maps_at_layer4_sizes(height, width, guard):
   f = _post_relu(height, (4, height, width, 16))
   anm = frequency.ANM(**GUARDS[guard])
-  variables = _randomise_norms(anm.init(jax.random.key(0), f), 1)
+  variables = _randomise_norms(_jit_init(anm, f), 1)
   (f1, f2), _ = jax.jit(lambda v, x: anm.apply(v, x, train=True, mutable=["batch_stats"]))(variables, f)
   ref = _np_anm_guarded(f, variables["params"], GUARDS[guard])
   # A bin's phase error is its float32 rounding (~1e-7 |X|_rms) over |X|, and the smallest of ~1e4
@@ -297,7 +303,7 @@ def test_agp_with_the_principal_cut_reads_bins_on_the_cut_as_numpy_on_maps_with_
   assert on_cut.sum() >= 4  # the map puts bins on the cut (checked, not assumed)
   kw = dict(GUARDS[guard], phase_cut="principal")
   agp = frequency.AGP(groups=4, transform=transform, **kw)
-  variables = agp.init(jax.random.key(0), x)
+  variables = _jit_init(agp, x)
   y = jax.jit(agp.apply)(variables, x)
   ref = _np_agp_guarded(x, _gate_kernel(variables["params"], 4), kw)
   np.testing.assert_allclose(y, ref, atol=1e-5 * np.abs(ref).max())
@@ -322,8 +328,8 @@ def test_fft_and_dft_matmul_agree_on_structured_maps_with_floor_and_pairs(height
   kw = GUARDS["floor_pairs"]
   agp = {t: frequency.AGP(groups=4, transform=t, **kw) for t in frequency.SPECTRAL_TRANSFORMS}
   anm = {t: frequency.ANM(transform=t, **kw) for t in frequency.SPECTRAL_TRANSFORMS}
-  agp_vars = agp["fft"].init(jax.random.key(0), x)
-  anm_vars = _randomise_norms(anm["fft"].init(jax.random.key(0), x), 2)
+  agp_vars = _jit_init(agp["fft"], x)
+  anm_vars = _randomise_norms(_jit_init(anm["fft"], x), 2)
   y = {t: jax.jit(m.apply)(agp_vars, x) for t, m in agp.items()}
   f = {t: jax.jit(lambda v, x, m=m: m.apply(v, x, train=True, mutable=["batch_stats"])[0])(anm_vars, x)
        for t, m in anm.items()}
@@ -350,9 +356,9 @@ def test_gradients_match_float64_finite_differences_away_from_the_cut(guard):
   direction = rng.normal(size=x.shape)
   weights = rng.normal(size=x.shape)
   agp = frequency.AGP(groups=4, **GUARDS[guard])
-  agp_vars = agp.init(jax.random.key(0), x)
+  agp_vars = _jit_init(agp, x)
   anm = frequency.ANM(**GUARDS[guard])
-  anm_vars = _randomise_norms(anm.init(jax.random.key(0), x), 4)
+  anm_vars = _randomise_norms(_jit_init(anm, x), 4)
   kernel = _gate_kernel(agp_vars["params"], 4)
   cases = [
       (lambda v: jnp.sum(weights * agp.apply(agp_vars, v)),
@@ -384,10 +390,12 @@ def test_anm_bn_modes_match_numpy_and_eval_equals_train_at_batch_statistics(bn_m
   f = _post_relu(11, (4, 6, 5, 8))
   kw = GUARDS["floor_pairs"]
   anm = frequency.ANM(bn_mode=bn_mode, inorm_stats=inorm_stats, **kw)
-  variables = _randomise_norms(anm.init(jax.random.key(0), f), 5)
+  variables = _randomise_norms(jax.jit(anm.init)(jax.random.key(0), f), 5)  # jitted, as the train step runs it.
+  train = jax.jit(lambda v, x: anm.apply(v, x, train=True, mutable=["batch_stats"]))
+  evaluate = jax.jit(lambda v, x: anm.apply(v, x, train=False))
   names = {"reference": {"bn"}, "joint": {"bn"}, "per_branch": {"bn1", "bn2"}, "none": set()}[bn_mode]
   assert set(variables["params"]) == {"conv1", "conv2", "inorm1", "inorm2"} | names
-  (t1, t2), _ = anm.apply(variables, f, train=True, mutable=["batch_stats"])
+  (t1, t2), _ = train(variables, f)
   ref = _np_anm_guarded(f, variables["params"], kw, bn_mode, inorm_stats)
   np.testing.assert_allclose(t1, ref[0], atol=1e-5)  # O(1) outputs of small float32 FFTs
   np.testing.assert_allclose(t2, ref[1], atol=1e-5)
@@ -398,14 +406,14 @@ def test_anm_bn_modes_match_numpy_and_eval_equals_train_at_batch_statistics(bn_m
     mean, var = stats["bn1"]
     assert np.max(np.abs(stats["bn2"][0] - mean)) > 1e-2
     variables = {**variables, "batch_stats": {"bn": {"mean": mean, "var": var}}}
-    e1, e2 = anm.apply(variables, f, train=False)
+    e1, e2 = evaluate(variables, f)
     np.testing.assert_allclose(e1, t1, atol=1e-4)
     assert np.max(np.abs(np.asarray(e2) - np.asarray(t2))) > 1e-2
     return
   if names:
     stats = _batch_stats_of(f, variables["params"], kw, bn_mode, inorm_stats)
     variables = {**variables, "batch_stats": {n: {"mean": stats[n][0], "var": stats[n][1]} for n in names}}
-  e1, e2 = anm.apply(variables, f, train=False)
+  e1, e2 = evaluate(variables, f)
   # Eval normalises with the float64 batch statistics, training with float32 ones: float32 rounding of O(1) maps.
   np.testing.assert_allclose(e1, t1, atol=1e-4)
   np.testing.assert_allclose(e2, t2, atol=1e-4)
@@ -426,10 +434,15 @@ def _anti_hermitian_noise(rng, shape, width, scale):
   return noise
 
 
-def _run_on_spectrum(monkeypatch, module, variables, spec, height, width, **kwargs):
-  spec = spec.astype(np.complex64)
-  monkeypatch.setattr(spectral, "rfft2", lambda x, transform="fft": (jnp.asarray(spec.real), jnp.asarray(spec.imag)))
-  return module.apply(variables, jnp.zeros((spec.shape[0], height, width, spec.shape[-1])), **kwargs)
+def _run_on_spectra(monkeypatch, module, variables, specs, height, width, **kwargs):
+  """module.apply with rfft2 returning each of `specs`: one jitted program (rfft2 patched while it traces)."""
+  def run(variables, re, im):
+    with monkeypatch.context() as patch:
+      patch.setattr(spectral, "rfft2", lambda x, transform="fft": (re, im))
+      return module.apply(variables, jnp.zeros((re.shape[0], height, width, re.shape[-1])), **kwargs)
+
+  run = jax.jit(run)
+  return [run(variables, spec.real, spec.imag) for spec in (s.astype(np.complex64) for s in specs)]
 
 
 @pytest.mark.parametrize("layer", ["agp", "anm"])
@@ -448,10 +461,9 @@ def test_conjugate_pairs_make_irfft2_blind_to_rounding_noise_in_the_self_conjuga
   for pairs in (False, True):
     module = (frequency.AGP(groups=2, conjugate_pairs=pairs) if layer == "agp"
               else frequency.ANM(bn_mode="none", conjugate_pairs=pairs))
-    variables = _randomise_norms(module.init(jax.random.key(0), jnp.zeros((1, height, width, channels))), 6)
+    variables = _randomise_norms(_jit_init(module, np.zeros((1, height, width, channels), np.float32)), 6)
     kwargs = {} if layer == "agp" else {"train": False}
-    clean = _run_on_spectrum(monkeypatch, module, variables, spec, height, width, **kwargs)
-    noisy = _run_on_spectrum(monkeypatch, module, variables, spec + noise, height, width, **kwargs)
+    clean, noisy = _run_on_spectra(monkeypatch, module, variables, (spec, spec + noise), height, width, **kwargs)
     clean, noisy = (clean, noisy) if layer == "agp" else (clean[0], noisy[0])
     outputs[pairs] = float(np.max(np.abs(np.asarray(clean) - np.asarray(noisy))))
   # With pairs: only float32 rounding of O(1) maps changes (1e-5); without: a jump of O(|X|) = O(1).

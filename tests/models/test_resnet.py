@@ -139,8 +139,8 @@ def _randomise(variables, seed):
 def test_stem_matches_numpy_torchvision_conventions():
   stem = resnet.Stem(width=4)
   x = np.random.default_rng(0).normal(size=(2, 11, 9, 3)).astype(np.float32)
-  variables = _randomise(stem.init(jax.random.key(0), x), 1)
-  y = stem.apply(variables, x, train=False)
+  variables = _randomise(jax.jit(stem.init)(jax.random.key(0), x), 1)
+  y = jax.jit(lambda v, i: stem.apply(v, i, train=False))(variables, x)
   p, s = variables["params"], variables["batch_stats"]
   ref = _np_conv(x.astype(np.float64), np.asarray(p["conv1"]["kernel"], np.float64), 2, 3)
   ref = _np_maxpool(np.maximum(_np_bn(ref, p["bn1"], s["bn1"]), 0.0))
@@ -151,8 +151,8 @@ def test_stem_matches_numpy_torchvision_conventions():
 def test_bottleneck_with_downsample_matches_numpy():
   block = resnet.Bottleneck(width=4, stride=2)
   x = np.random.default_rng(2).normal(size=(2, 7, 6, 8)).astype(np.float32)
-  variables = _randomise(block.init(jax.random.key(0), x), 3)
-  y = block.apply(variables, x, train=False)
+  variables = _randomise(jax.jit(block.init)(jax.random.key(0), x), 3)
+  y = jax.jit(lambda v, i: block.apply(v, i, train=False))(variables, x)
   p, s = variables["params"], variables["batch_stats"]
   k = lambda name: np.asarray(p[name]["kernel"], np.float64)
   h = np.maximum(_np_bn(_np_conv(x, k("conv1"), 1, 0), p["bn1"], s["bn1"]), 0)
@@ -166,7 +166,7 @@ def test_bottleneck_with_downsample_matches_numpy():
 
 def test_init_follows_torchvision():
   block = resnet.Bottleneck(width=64)
-  variables = block.init(jax.random.key(0), jnp.zeros((1, 2, 2, 256)))
+  variables = jax.jit(block.init)(jax.random.key(0), np.zeros((1, 2, 2, 256), np.float32))
   p = variables["params"]
   assert "downsample_conv" not in p  # 256 -> 256, stride 1: identity shortcut
   kernel = np.asarray(p["conv2"]["kernel"])  # fan_out = 3 * 3 * 64
@@ -200,11 +200,11 @@ def test_one_modality_only():
 def test_stem_max_pool_matches_reduce_window_values_and_gradients():
   """The slice-maximum pool equals lax.reduce_window's 3x3/2 max-pool (pad 1), gradients included (no ties)."""
   for shape in [(2, 9, 7, 3), (2, 8, 6, 3)]:
-    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32))
+    x = np.random.default_rng(0).standard_normal(shape, np.float32)
     pool = lambda v: jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                            ((0, 0), (1, 1), (1, 1), (0, 0)))
-    np.testing.assert_array_equal(np.asarray(resnet.max_pool_3x3_stride2(x)), np.asarray(pool(x)))
-    grad = lambda f: jax.grad(lambda v: jnp.sum(jnp.sin(f(v)) * jnp.arange(f(v).size).reshape(f(v).shape)))(x)
+    np.testing.assert_array_equal(np.asarray(jax.jit(resnet.max_pool_3x3_stride2)(x)), np.asarray(jax.jit(pool)(x)))
+    grad = lambda f: jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(f(v)) * jnp.arange(f(v).size).reshape(f(v).shape))))(x)
     np.testing.assert_allclose(np.asarray(grad(resnet.max_pool_3x3_stride2)), np.asarray(grad(pool)), atol=1e-6)
 
 
@@ -230,8 +230,7 @@ def test_stem_max_pool_gradient_at_ties_goes_to_the_first_maximum():
   rng = np.random.default_rng(3)
   x = np.maximum(rng.integers(-3, 3, size=(2, 7, 6, 2)), 0).astype(np.float32)  # ~60 % zeros, repeated values
   grad_out = rng.normal(size=(2, 4, 3, 2)).astype(np.float32)
-  _, vjp = jax.vjp(resnet.max_pool_3x3_stride2, jnp.asarray(x))
-  (grad,) = vjp(jnp.asarray(grad_out))
+  (grad,) = jax.jit(lambda v, g: jax.vjp(resnet.max_pool_3x3_stride2, v)[1](g))(x, grad_out)
   np.testing.assert_allclose(np.asarray(grad), _np_max_pool_grad_first_max(x, grad_out), atol=1e-6)
 
 
@@ -256,21 +255,22 @@ def test_off_cpu_gradient_path_is_jax_own_rule_and_matches_the_cpu_rule():
   (JAX's own max-pool rule; no ties in these inputs). Under "auto" the CPU program keeps the custom rules."""
   from fdnm_jax.models import linear  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(5)
-  x = jnp.asarray(rng.standard_normal((2, 9, 7, 6), np.float32))
-  kernel = jnp.asarray(rng.standard_normal((6, 10), np.float32))
+  x = rng.standard_normal((2, 9, 7, 6), np.float32)
+  kernel = rng.standard_normal((6, 10), np.float32)
   pool = lambda v: jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                          ((0, 0), (1, 1), (1, 1), (0, 0)))
   matmul = lambda v, k: linear.channel_dense_matmul(v, k)
-  reference = {"pool": jax.grad(lambda v: jnp.sum(jnp.sin(pool(v))))(x),
-               "matmul": jax.grad(lambda v, k: jnp.sum(jnp.sin(jnp.einsum("...i,io->...o", v, k,
-                                                                           precision="highest"))),
-                                  argnums=(0, 1))(x, kernel)}
+  reference = {"pool": jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(pool(v)))))(x),
+               "matmul": jax.jit(jax.grad(lambda v, k: jnp.sum(jnp.sin(jnp.einsum("...i,io->...o", v, k,
+                                                                                   precision="highest"))),
+                                          argnums=(0, 1)))(x, kernel)}
   for rule in ("plain", "custom", "auto"):
     with linear.gradient_rule(rule):
       assert (_custom_calls(resnet.stem_max_pool, x) > 0) == (rule != "plain"), rule
       assert (_custom_calls(matmul, x, kernel) > 0) == (rule != "plain"), rule
-      got_pool = jax.grad(lambda v: jnp.sum(jnp.sin(resnet.stem_max_pool(v))))(x)
-      got_matmul = jax.grad(lambda v, k: jnp.sum(jnp.sin(matmul(v, k))), argnums=(0, 1))(x, kernel)
+      # Fresh functions jitted inside the block: traced, hence routed, under `rule`.
+      got_pool = jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(resnet.stem_max_pool(v)))))(x)
+      got_matmul = jax.jit(jax.grad(lambda v, k: jnp.sum(jnp.sin(matmul(v, k))), argnums=(0, 1)))(x, kernel)
     np.testing.assert_array_equal(np.asarray(got_pool), np.asarray(reference["pool"]))  # routing only: exact.
     # A 6-term float32 dot product reassociated: ~1e-6 relative of O(1) values.
     for got, want in zip(got_matmul, reference["matmul"]):

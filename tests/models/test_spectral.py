@@ -83,6 +83,7 @@ def test_guarded_polar_matches_its_numpy_definition(guard, conjugate_pairs, heig
   spec = _spectrum_with_small_bins(height, (2, height, width // 2 + 1, 3), floor)
   p = jax.jit(spectral.guarded_polar, static_argnums=(2, 3, 4, 5, 6))(
       spec.real, spec.imag, width, guard, floor, soft_eps, conjugate_pairs)
+  p = jax.tree.map(np.asarray, p)  # NumPy: `re + 1j * im` below is then no eager JAX op to compile
   ref = np_guarded_polar(spec, width, guard, floor, soft_eps, conjugate_pairs)
   np.testing.assert_array_equal(p.valid, ref["valid"])
   # Every value is O(1) or smaller and a few float32 operations from the input: 1e-6 is a few float32 ulps.
@@ -113,7 +114,7 @@ def test_conjugate_pairs_are_exact_conjugates_and_self_conjugate_bins_real():
   spec = _np_rfft2(rng.normal(size=(2, height, width, 3)))
   spec = spec * (1 + 1e-7 * rng.normal(size=spec.shape)) + 1e-7j * rng.normal(size=spec.shape)
   spec = spec.astype(np.complex64)
-  p = spectral.guarded_polar(spec.real, spec.imag, width, "exact", conjugate_pairs=True)
+  p = jax.jit(lambda re, im: spectral.guarded_polar(re, im, width, "exact", conjugate_pairs=True))(spec.real, spec.imag)
   pairs = np.array([u for u in range(1, height) if 2 * u != height])
   mirror = (-pairs) % height
   for k in (0, width // 2):
@@ -137,9 +138,9 @@ def test_near_cut_fraction_counts_by_hand():
   phase[0, 2, 1, 0] = np.pi          # near, but floored
   valid[0, 2, 1, 0] = False
   zeros = np.zeros_like(phase)
-  p = spectral.Polar(zeros, jnp.asarray(phase), zeros, zeros, zeros, zeros, jnp.asarray(valid))
+  p = spectral.Polar(zeros, phase, zeros, zeros, zeros, zeros, valid)
   # counted: 12 - 4 self-conjugate - 1 floored = 7; near: 2
-  np.testing.assert_allclose(spectral.near_cut_fraction(p, 4, 1e-3), 2 / 7, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(spectral.near_cut_fraction, static_argnums=(1, 2))(p, 4, 1e-3), 2 / 7, rtol=1e-6)
 
 
 def test_unknown_guard_is_named():
@@ -167,8 +168,8 @@ def test_dft_matmul_inverse_gradient_is_the_transpose_of_numpy_irfft2():
   height, width, k = 4, 6, 4  # even width: DC and Nyquist columns
   weights = np.random.default_rng(5).normal(size=(1, height, width, 1))
   loss = lambda re, im: jnp.sum(jnp.asarray(weights, jnp.float32) * spectral.dft_irfft2(re, im, height, width))
-  zeros = jnp.zeros((1, height, k, 1), jnp.float32)
-  grad_re, grad_im = jax.grad(loss, argnums=(0, 1))(zeros, zeros)
+  zeros = np.zeros((1, height, k, 1), np.float32)
+  grad_re, grad_im = map(np.asarray, jax.jit(jax.grad(loss, argnums=(0, 1)))(zeros, zeros))
   # The inverse is linear: d loss / d re[u, v] = sum(weights * irfft2(unit spectrum at (u, v))), and i for im.
   expected_re = np.zeros((height, k))
   expected_im = np.zeros((height, k))
@@ -184,11 +185,11 @@ def test_dft_matmul_inverse_gradient_is_the_transpose_of_numpy_irfft2():
 
 def test_unknown_spectral_transform_is_named():
   with pytest.raises(ValueError, match="spectral_transform='dct'"):
-    spectral.rfft2(jnp.zeros((1, 4, 4, 1)), "dct")
+    spectral.rfft2(np.zeros((1, 4, 4, 1), np.float32), "dct")
 
 
 def test_polar_at_zero():
-  amp, phase, cos, sin = spectral.polar(jnp.zeros((3,), jnp.float32), jnp.zeros((3,), jnp.float32))
+  amp, phase, cos, sin = jax.jit(spectral.polar)(np.zeros((3,), np.float32), np.zeros((3,), np.float32))
   np.testing.assert_array_equal(amp, 0.0)
   np.testing.assert_array_equal(phase, 0.0)
   np.testing.assert_array_equal(cos, 1.0)
@@ -206,7 +207,7 @@ def test_principal_angle_reads_the_negative_real_axis_as_plus_pi_with_arctan2s_g
   np.testing.assert_allclose(angle[4:], expected[4:], rtol=2e-7)  # float32 arctan2: within ~1 ulp (1.2e-7)
   # d angle / d (re, im) = (-im, re) / (re^2 + im^2) (hand formula), also at the bins read as +pi; a few float32
   # operations from the inputs, so 1e-6 relative (atol for the exact zeros of the first column).
-  grad_re, grad_im = jax.grad(lambda r, i: jnp.sum(spectral.principal_angle(r, i)), argnums=(0, 1))(re, im)
+  grad_re, grad_im = jax.jit(jax.grad(lambda r, i: jnp.sum(spectral.principal_angle(r, i)), argnums=(0, 1)))(re, im)
   r64, i64 = re.astype(np.float64), im.astype(np.float64)
   np.testing.assert_allclose(grad_re, -i64 / (r64 ** 2 + i64 ** 2), rtol=1e-6, atol=1e-12)
   np.testing.assert_allclose(grad_im, r64 / (r64 ** 2 + i64 ** 2), rtol=1e-6)
