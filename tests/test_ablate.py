@@ -200,8 +200,8 @@ def test_markdown_table_of_single_reports():
 @pytest.mark.parametrize("row", ablate.ALL_ROWS)
 def test_every_rows_model_and_loss_trace_under_jit(row):
   """Each row's model (its FDNM fields; at width 4 with one block per stage) and loss trace as the train step runs
-  them, under jax.jit: a module that needs a concrete value (a Python float of a traced array) fails here, not
-  hours into a user's ablation. Traced only (jax.eval_shape): nothing is compiled."""
+  them, under jax.jit: a module that needs a concrete value (a Python float of a traced array) fails here, not at
+  the first step of a user's ablation run. Traced only (jax.eval_shape): nothing is compiled."""
   config = ablate.load_config(row, "synthetic")
   config.model.stage_sizes, config.model.width = (1, 1, 1, 1), 4
   model = fdnm_from_config(config.model, num_classes=3)
