@@ -15,6 +15,9 @@ from configs.ablations import DATASET_CONFIGS
 from fdnm_jax import losses
 from fdnm_jax.errors import FlagError
 from fdnm_jax.models import fdnm_from_config, resnet
+from fdnm_jax.models.fdnm import CNM_ORIGINALS, DTYPES
+from fdnm_jax.models.frequency import ANM_BN_MODES, ANM_INORM_STATS
+from fdnm_jax.models.spectral import PHASE_CUTS, PHASE_GUARDS, SPECTRAL_TRANSFORMS
 from launch import ablate
 from tests import subprocesses
 
@@ -197,12 +200,10 @@ def test_markdown_table_of_single_reports():
   assert only[2] == "| baseline | 1 | 10.00 | 13.00 | 10.00 | 13.00 | 1.500 | 0.250 | — |"
 
 
-@pytest.mark.parametrize("row", ablate.ALL_ROWS)
-def test_every_rows_model_and_loss_trace_under_jit(row):
-  """Each row's model (its FDNM fields; at width 4 with one block per stage) and loss trace as the train step runs
-  them, under jax.jit: a module that needs a concrete value (a Python float of a traced array) fails here, not at
-  the first step of a user's ablation run. Traced only (jax.eval_shape): nothing is compiled."""
-  config = ablate.load_config(row, "synthetic")
+def _trace_train_loss(config) -> None:
+  """Traces `config`'s model (at width 4, one block per stage) in train mode and its loss as the train step runs
+  them, with jax.eval_shape (nothing compiled): a module that needs a concrete value (a Python float of a traced
+  array) raises here."""
   config.model.stage_sizes, config.model.width = (1, 1, 1, 1), 4
   model = fdnm_from_config(config.model, num_classes=3)
   images = jax.ShapeDtypeStruct((4, 64, 32, 3), jnp.float32)
@@ -214,3 +215,26 @@ def test_every_rows_model_and_loss_trace_under_jit(row):
 
   total, terms = jax.eval_shape(loss, images, images)
   assert total.shape == () and total.dtype == jnp.float32 and "id" in terms
+
+
+@pytest.mark.parametrize("row", ablate.ALL_ROWS)
+def test_every_rows_model_and_loss_trace_under_jit(row):
+  """Each ablation row's model and loss trace under jax.jit (`_trace_train_loss`): a row that cannot be jitted
+  fails here, not at the first step of a user's ablation run."""
+  _trace_train_loss(ablate.load_config(row, "synthetic"))
+
+
+# Every value each enumerated model option takes (the modules' own lists), set one at a time on the full model.
+MODEL_OPTION_VALUES = [(field, value) for field, values in (
+    ("spectral_transform", SPECTRAL_TRANSFORMS), ("phase_guard", PHASE_GUARDS), ("phase_cut", PHASE_CUTS),
+    ("anm_bn", ANM_BN_MODES), ("anm_inorm_stats", ANM_INORM_STATS), ("cnm_original", CNM_ORIGINALS),
+    ("dtype", sorted(DTYPES)), ("conjugate_pairs", (True, False)), ("anm_stage", (0, 3, 4)),
+    ("anm_keep_original", (True, False)), ("num_parts", (0, 2))) for value in values]
+
+
+@pytest.mark.parametrize("field, value", MODEL_OPTION_VALUES)
+def test_every_model_option_value_traces_under_jit(field, value):
+  """The full model with one option changed traces under jax.jit (`_trace_train_loss`)."""
+  config = ablate.load_config("full", "synthetic")
+  config.model[field] = value
+  _trace_train_loss(config)
