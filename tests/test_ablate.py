@@ -1,5 +1,6 @@
 """The ablation configs and the table of launch/ablate.py (the runs themselves are the slow end-to-end path: the
-tables here are collected from hand-written reports with --collect_only)."""
+tables here are collected from hand-written reports with --collect_only); every row's model, and every value of each
+model option, traced as the train step runs them under jax.jit."""
 
 import json
 import os
