@@ -390,7 +390,7 @@ def test_anm_bn_modes_match_numpy_and_eval_equals_train_at_batch_statistics(bn_m
   f = _post_relu(11, (4, 6, 5, 8))
   kw = GUARDS["floor_pairs"]
   anm = frequency.ANM(bn_mode=bn_mode, inorm_stats=inorm_stats, **kw)
-  variables = _randomise_norms(jax.jit(anm.init)(jax.random.key(0), f), 5)  # jitted, as the train step runs it.
+  variables = _randomise_norms(_jit_init(anm, f), 5)
   train = jax.jit(lambda v, x: anm.apply(v, x, train=True, mutable=["batch_stats"]))
   evaluate = jax.jit(lambda v, x: anm.apply(v, x, train=False))
   names = {"reference": {"bn"}, "joint": {"bn"}, "per_branch": {"bn1", "bn2"}, "none": set()}[bn_mode]
