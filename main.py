@@ -25,6 +25,10 @@ from typing import Optional
 # The pipeline uses TensorFlow only on the CPU: keep it off any accelerator and quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# First, before the allocations it governs: malloc keeps the buffers each step frees (fdnm_jax/host_malloc.py).
+from fdnm_jax import host_malloc  # noqa: E402
+host_malloc.keep_freed_memory()
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 

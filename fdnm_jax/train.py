@@ -27,7 +27,8 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 from etils import epath
 
-from fdnm_jax import checkpoints, distributed, losses, optim, precise_bn, pretrained, run_config, sharding
+from fdnm_jax import (checkpoints, distributed, losses, optim, platform, precise_bn, pretrained, run_config,
+                      sharding)
 from fdnm_jax.errors import ConfigError, NonFiniteLossError, WorkdirError
 from fdnm_jax.evaluation import evaluator, face
 from fdnm_jax.models.fdnm import fdnm_from_config
@@ -354,7 +355,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shardin
   state_sharding = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
   logging.info("State sharding of the largest leaves (mesh %s):\n%s", dict(mesh.shape),
                sharding.describe_shardings(abstract, state_sharding))
-  init_sharded = jax.jit(init, out_shardings=state_sharding)
+  init_sharded = jax.jit(init, out_shardings=state_sharding,  # compiled once: a cheaper level on the CPU.
+                         compiler_options=platform.init_compiler_options(mesh.devices.flat[0].platform))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
   return Run(source=source, num_classes=num_classes, model=model, tx=tx, steps_per_epoch=steps_per_epoch,
              total_steps=config.schedule.num_epochs * steps_per_epoch, state_sharding=state_sharding,
