@@ -30,8 +30,6 @@
   A PYTHONDONTWRITEBYTECODE=1 in the environment (the machines here set it) would make every process compile those
   sources again (~11 CPU-s each), so the session lifts it for itself, its workers and their children (the files go
   to `__pycache__` folders, which .gitignore lists). A venv installed with bytecode is read as it is.
-- As main.py, every test process keeps the memory it frees (fdnm_jax/host_malloc.py: glibc's mmap and trim
-  thresholds raised), so the in-process train steps and evaluations do not fault in fresh pages each call.
 - The test files that hold a test marked `slow` (seconds to a minute each) are collected first: under xdist the
   long tests start early and the last work units handed out are short, so no worker idles for a minute at the end
   while the other finishes a long test (`pytest_collection_modifyitems`).
@@ -43,12 +41,11 @@ import sys
 import tempfile
 
 import pytest
-from fdnm_jax import host_malloc, import_gc, platform
+from fdnm_jax import import_gc, platform
 from tests import shared_runs
 
 _GC_WAS_ENABLED = pytest.StashKey[bool]()
 
-host_malloc.keep_freed_memory()  # as main.py: every test process (controller, workers) keeps the buffers it frees.
 platform.configure_xla_flags()
 
 # Before any worker or child starts: they inherit the environment, and this process writes from here on.

@@ -236,8 +236,7 @@ def _rel(a, b):
 def _run_child(function: str, workdir) -> dict:
   """tests.test_sharding.<function>(workdir) in a process with 8 fake CPU devices; returns its out.json."""
   env = subprocesses.env(8, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-  code = ("from fdnm_jax import host_malloc; host_malloc.keep_freed_memory(); "  # as main.py starts.
-          f"from tests import test_sharding; test_sharding.{function}({str(workdir)!r}); "
+  code = (f"from tests import test_sharding; test_sharding.{function}({str(workdir)!r}); "
           "from fdnm_jax import process_exit; process_exit.exit_without_teardown(0)")  # as main.py ends.
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=900)
