@@ -1,4 +1,4 @@
-"""XLA flags for the CPU backend, added to XLA_FLAGS before JAX starts a backend.
+"""XLA flags for the CPU backend (added to XLA_FLAGS before JAX starts a backend); the init program's options.
 
 On the x86 CPU backend of jaxlib 0.10.2 convolutions are by default handed to the YNNPACK library, which is 2-3x
 slower than XLA's own Eigen convolutions for ResNet-50 training on a 2-core AVX-512 machine (docs/benchmarks.md);
@@ -12,6 +12,9 @@ Rules: nothing is added when JAX_PLATFORMS names a first platform other than "cp
 when an accelerator plugin (CUDA, ROCm, TPU) is installed; a flag whose name already appears in the user's
 XLA_FLAGS is never added or overridden; after a backend has started the flags could no longer take effect, so
 nothing is changed and a warning is logged.
+
+`init_compiler_options(platform)` gives the options the one-off init program compiles with (XLA's backend level 2 on
+the CPU: the same parameters in less than half the compile time; see `INIT_COMPILER_OPTIONS`).
 """
 
 import importlib.util

@@ -51,7 +51,10 @@ def _faults(mode, thread, **env):
   return out[0], int(out[1])
 
 
-@pytest.mark.skipif(host_malloc._mallopt() is None, reason="not glibc: keep_freed_memory is a no-op (tested below)")  # pylint: disable=protected-access
+_NOT_GLIBC = host_malloc._mallopt() is None  # pylint: disable=protected-access
+
+
+@pytest.mark.skipif(_NOT_GLIBC, reason="not glibc: keep_freed_memory is a no-op there (tested below)")
 @pytest.mark.parametrize("thread", ["main", "thread"])
 def test_a_freed_buffer_is_reused_without_new_pages(thread):
   """By default glibc maps each 40 MiB buffer afresh (above its largest mmap threshold, 32 MiB): every round faults
