@@ -14,7 +14,7 @@ XLA_FLAGS is never added or overridden; after a backend has started the flags co
 nothing is changed and a warning is logged.
 
 `init_compiler_options(platform)` gives the options the one-off init program compiles with (XLA's backend level 2 on
-the CPU: the same parameters in less than half the compile time; see `INIT_COMPILER_OPTIONS`).
+the CPU: the same parameters in 35-60 % of the compile time; see `INIT_COMPILER_OPTIONS`).
 """
 
 import importlib.util
@@ -34,6 +34,11 @@ _ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_pl
 
 def _flag_name(flag: str) -> str:
   return flag.split("=", 1)[0].strip()
+
+
+def _flag_names(xla_flags: str) -> set[str]:
+  """The names of the flags in an XLA_FLAGS string."""
+  return {_flag_name(f) for f in xla_flags.split()}
 
 
 def _accelerator_installed() -> bool:
@@ -60,7 +65,7 @@ def merge_flags(existing: str, flags: Sequence[str]) -> tuple[str, list[str]]:
   Returns:
     (the new XLA_FLAGS string, the flags that were added).
   """
-  present = {_flag_name(f) for f in existing.split()}
+  present = _flag_names(existing)
   added = [f for f in flags if _flag_name(f) not in present]
   return " ".join(existing.split() + added), added
 
@@ -101,7 +106,7 @@ def init_compiler_options(platform: str, environ: MutableMapping[str, str] = os.
   if cheap_mode is None:
     import jax  # pylint: disable=g-import-not-at-top  (this module is imported before JAX starts a backend)
     cheap_mode = bool(jax.config.read("jax_disable_most_optimizations"))
-  user_flags = {_flag_name(f) for f in environ.get("XLA_FLAGS", "").split()}
+  user_flags = _flag_names(environ.get("XLA_FLAGS", ""))
   if platform != "cpu" or cheap_mode or "--xla_backend_optimization_level" in user_flags:
     return None
   return dict(INIT_COMPILER_OPTIONS)
