@@ -45,9 +45,17 @@ print(applied, out[0])
 PAGES = 2 * (40 << 20) // 4096  # pages a round's two 40 MiB buffers touch.
 
 
+def _glibc_defaults_env(**extra):
+  """The child's environment without the caller's malloc settings (MALLOC_*_ variables, GLIBC_TUNABLES): a suite run
+  under the user's own settings would otherwise measure them, and keep_freed_memory() rightly leaves them alone."""
+  env = {k: v for k, v in subprocesses.env(1).items()
+         if k != "GLIBC_TUNABLES" and not (k.startswith("MALLOC_") and k.endswith("_"))}
+  return dict(env, **extra)
+
+
 def _faults(mode, thread, **env):
   out = subprocess.run([sys.executable, "-c", _CHILD, mode, thread], cwd=subprocesses.REPO, capture_output=True,
-                       text=True, env=dict(subprocesses.env(1), **env), check=True).stdout.split()
+                       text=True, env=_glibc_defaults_env(**env), check=True).stdout.split()
   return out[0], int(out[1])
 
 
