@@ -108,9 +108,10 @@ def test_an_allowed_change_is_recorded_and_trains_the_rest_of_the_run_under_it(f
     rows = [json.loads(line) for line in f]
   train_rows = [r for r in rows if "train/total" in r]
   assert [r["step"] for r in train_rows] == [1, 2, 3, 4]  # one row per step: the old steps 3-4 were dropped.
-  # The tiny schedule: 2 steps per epoch, warm-up 1 epoch, x0.1 from epoch 1 on; steps 1-2 ran at the old 0.1.
+  # The tiny schedule: 2 steps per epoch, warm-up 1 epoch, x0.1 from epoch 1 on; steps 1-2 ran at the old 0.1. The
+  # host logs base_lr * factor in Python floats (optim.lr_factor_fn on an int step): a float64 rounding or two.
   lrs = [r["train/lr"] for r in train_rows]
-  assert lrs == pytest.approx([0.1, 0.1, 0.05 * 0.1, 0.05 * 0.1], rel=1e-6)
+  assert lrs == pytest.approx([0.1, 0.1, 0.05 * 0.1, 0.05 * 0.1], rel=4 * sys.float_info.epsilon)
   assert {"event": "resumed", "step": 2, "dropped_rows": 3} in rows  # steps 3 and 4 and the final evaluation.
 
 

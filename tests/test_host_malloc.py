@@ -1,5 +1,6 @@
 """fdnm_jax/host_malloc.py: freed buffers stay in the process (no fresh pages per step), under the user's rules."""
 
+import resource
 import subprocess
 import sys
 
@@ -42,7 +43,7 @@ else:
   rounds(out)
 print(applied, out[0])
 """
-PAGES = 2 * (40 << 20) // 4096  # pages a round's two 40 MiB buffers touch.
+PAGES = 2 * (40 << 20) // resource.getpagesize()  # pages a round's two 40 MiB buffers touch.
 
 
 def _glibc_defaults_env(**extra):
@@ -72,7 +73,10 @@ def test_a_freed_buffer_is_reused_without_new_pages(thread):
   applied, kept = _faults("keep", thread, FDNM_KEEP_FREED_MEMORY="1")
   _, plain = _faults("plain", thread)
   assert applied == "True"
-  assert plain >= 4 * PAGES * 0.9, plain  # the default: every round faults its pages in.
+  # glibc's default maps each buffer afresh, and without huge pages each of its pages faults once a round: at least
+  # 4 * PAGES in rounds 2-5 (81,928 on glibc 2.36: the buffers' pages and a few of glibc's). Kept memory faults only
+  # in glibc's bookkeeping (0 measured): a tenth of one round's pages is far above that and far below a round.
+  assert plain >= 4 * PAGES, plain
   assert kept < PAGES / 10, kept
 
 

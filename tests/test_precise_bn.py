@@ -179,11 +179,14 @@ def test_fdnm_bnneck_statistics_equal_those_of_the_eval_mode_features():
   feats = [np.asarray(apply(new, b["visible"], b["infrared"])) for b in batches]  # [2 branches, B, D] each
   mean, var = _population([f.reshape(-1, f.shape[-1]) for f in feats])
   got = new["batch_stats"]["bnneck"]
-  # Two float32 programs of this model (recalibration's level by level, the eval apply) give features that are each
-  # within ~5e-6 (relative) of a float64 run at 64 x 32 (tests/test_sharding.py, full_model_config), so up to ~1e-5
-  # apart: the means within 1e-5 of the features' largest std, the variances (squares) within 2e-5 relative. The
-  # kernels decide where in that bound a run lands: 1e-6 held with YNNPACK's AVX-512 kernels and missed without them
-  # (XLA_FLAGS="--xla_cpu_max_isa=AVX2 --xla_cpu_experimental_ynn_fusion_type=", docs/benchmarks.md, tenth pass).
+  # Two float32 programs of this model (recalibration's level by level, the eval apply) sum in other orders. With
+  # independent roundings a K-term sum is off by ~sqrt(K) * u (1 sigma, u = 2^-24) of its scale: K <= 576 (3 x 3 x
+  # 64) gives 1.4e-6 per conv, ~6e-6 over the deepest path's ~17 convs and 3 FFT round trips (in quadrature), so the
+  # two programs' features differ by ~8e-6 of their scale (1 sigma). The 24 features a statistic averages (2
+  # batches x 3 images x 2 branches) bring the mean's error to ~1.7e-6 of the features' std and the variance's to
+  # ~3.4e-6 relative: the bounds below are ~6 sigma. The kernels decide where a run lands (1e-6 held with YNNPACK's
+  # AVX-512 kernels and missed without them: `XLA_FLAGS="--xla_cpu_max_isa=AVX2
+  # --xla_cpu_experimental_ynn_fusion_type="`, docs/benchmarks.md, tenth pass).
   np.testing.assert_allclose(got["mean"], mean, rtol=1e-5, atol=1e-5 * float(np.sqrt(var.max())))
   np.testing.assert_allclose(got["var"], var, rtol=2e-5)
   # The checkpoint's (init) statistics were not those: the test can fail.

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from fdnm_jax import train
@@ -74,10 +73,8 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_restart_matches_an_unint
     train.train_and_evaluate(config, workdir)
   assert f"Resumed from the checkpoint at step {step}" in [r.getMessage() for r in caplog.records]
   assert train_steps(workdir) == [1, 2, 3, 4]
-  got, want = final_metrics(workdir), final_metrics(reference)
-  assert got.keys() == want.keys()
-  for k in want:
-    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=str(k))
+  # Exactly: the restart runs the same compiled programs on the same batches from the state restored bit for bit.
+  assert final_metrics(workdir) == final_metrics(reference)
 
 
 def test_watch_turns_sigterm_into_a_flag_and_restores_the_previous_handler():

@@ -149,6 +149,12 @@ def test_resnet50_matches_torchvision_layout_torch_in_eval_mode():
       worst["pooled"] = max(worst.get("pooled", 0.0), _rel(pooled, ref["pooled"].numpy()))
   print("max relative difference:", worst)
   assert maps["layer4"].shape == (4, 4, 2, 2048)  # last stride 1: 64x32 -> 4x2
+  # Two float32 implementations (XLA, PyTorch), each with its own summation order. A K-term float32 sum is off by at
+  # most lambda * sqrt(K) * u of its terms' scale with probability near 1 (Higham & Mary's probabilistic bound,
+  # lambda ~ 3, u = 2^-24): K <= 4,608 (3 x 3 x 512) gives 1.2e-5 per conv; the deepest path's 53 convs, their
+  # errors adding in quadrature through BN (eval mode: an affine map of scale ~1) and the residual sums, give 8.8e-5
+  # of a map's scale per implementation, and two of them differ by ~1e-4 at most. (A worst-case bound, K * u per
+  # conv, is 2.7e-4 for one conv alone: not attainable with rounding errors of both signs.)
   assert all(v <= 1e-4 for v in worst.values()), worst
 
 

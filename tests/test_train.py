@@ -59,9 +59,12 @@ def test_run_writes_config_metrics_checkpoints_and_results(trained):
     for key in ("train/total", "train/id", "train/triplet", "train/cnm", "train/lr", "train/images_per_sec",
                 "train/grad_norm"):
       assert np.isfinite(r[key]), key
-  # lr: warm-up epoch 0 -> base * 1/1, epoch 1 -> decayed x0.1 (decay_epochs=(1,), 2 steps per epoch).
+  # lr: warm-up epoch 0 -> base * 1/1, epoch 1 -> decayed x0.1 (decay_epochs=(1,), 2 steps per epoch). The host
+  # logs base_lr * factor in Python floats (optim.lr_factor_fn on an int step): base * 0.1 is within two float64
+  # roundings of base / 10.
   base = tiny.get_config().optim.base_lr
-  np.testing.assert_allclose([r["train/lr"] for r in rows], [base, base, base / 10, base / 10], rtol=1e-6)
+  np.testing.assert_allclose([r["train/lr"] for r in rows], [base, base, base / 10, base / 10],
+                             rtol=4 * np.finfo(np.float64).eps)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert set(report["settings"]) == {"visible_to_infrared", "infrared_to_visible"}
   for r in report["settings"].values():
@@ -107,18 +110,16 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted_run(traine
   config = tiny.get_config()
   config.evals.every_steps = 3
   train.train_and_evaluate(config, workdir)  # the resume (in this process: the kill is what needs main.py).
-  got, want = final_metrics(workdir), final_metrics(reference)
-  assert got.keys() == want.keys()
-  for k in want:
-    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=str(k))
+  # Exactly: steps 3-4 run the same compiled programs as the uninterrupted run's on the same batches, from the
+  # step-2 state restored bit for bit (float32 arrays), so every number is the same float (on either CPU type).
+  assert final_metrics(workdir) == final_metrics(reference)
   rows = read_jsonl(metrics)
   assert [r["step"] for r in train_rows(workdir)] == [1, 2, 3, 4]
   test_rows = [r["step"] for r in rows if "test/visible_to_infrared/mAP" in r]
   assert test_rows == [3, 4]  # the periodic evaluation at step 3 and the final one, once each.
   (event,) = [r for r in rows if "event" in r]
   assert event["event"] == "resumed" and event["step"] == 2 and event["dropped_rows"] >= 1
-  np.testing.assert_allclose([r["train/total"] for r in train_rows(workdir)],
-                             [r["train/total"] for r in train_rows(reference)], rtol=1e-5)
+  assert [r["train/total"] for r in train_rows(workdir)] == [r["train/total"] for r in train_rows(reference)]
 
 
 def test_non_finite_terms_are_named_in_the_order_the_step_computes_them():

@@ -30,10 +30,19 @@ def test_parse_queries():
 def test_overlap_is_the_shared_area_of_the_normalised_histograms():
   bins = np.array([0.0, 1.0, 2.0, 3.0])
   # a: 3 in bin 0, 1 in bin 1 -> p = (.75, .25, 0); b: 1 in bin 1, 1 in bin 2 -> q = (0, .5, .5); min sum = .25.
-  assert distances.overlap(np.array([0.1, 0.2, 0.3, 1.5]), np.array([1.2, 2.5]), bins) == pytest.approx(0.25)
-  assert distances.overlap(np.array([0.5]), np.array([0.6]), bins) == pytest.approx(1.0)
+  # Exactly: every fraction and bin edge here is a dyadic number, computed without rounding.
+  assert distances.overlap(np.array([0.1, 0.2, 0.3, 1.5]), np.array([1.2, 2.5]), bins) == 0.25
+  assert distances.overlap(np.array([0.5]), np.array([0.6]), bins) == 1.0
   assert distances.overlap(np.array([0.5]), np.array([2.5]), bins) == 0.0
-  np.testing.assert_allclose(distances.panel_bins(np.array([1.0]), np.array([3.0, 2.0]), 4), [1, 1.5, 2, 2.5, 3])
+  np.testing.assert_array_equal(distances.panel_bins(np.array([1.0]), np.array([3.0, 2.0]), 4), [1, 1.5, 2, 2.5, 3])
+
+
+def float64_distance_bound(dim: int) -> float:
+  """How far two float64 formulas of the distance between the same unit vectors of `dim` entries can be apart:
+  sqrt(2 - 2 cos) (fdnm_jax/plots/distances.py) against |q - g|. The dot product is off by <= dim * eps64, so the
+  squared distance by <= 2 * dim * eps64; at d = 0 (the worst case: the square root of the cancellation) that
+  leaves sqrt(2 * dim * eps64), e.g. 2.1e-8 for dim 1, 3.4e-7 for dim 256; at d >= 0.1 below 1e-11."""
+  return float(np.sqrt(2 * dim * np.finfo(np.float64).eps))
 
 
 def test_l2_distances_intra_inter_and_top_k():
@@ -42,11 +51,12 @@ def test_l2_distances_intra_inter_and_top_k():
   # Unit vectors: |(1,0) - (1,1)/sqrt2| = sqrt(2 - sqrt2).
   want = np.array([[0.0, np.sqrt(2 - np.sqrt(2)), np.sqrt(2)], [np.sqrt(2), np.sqrt(2 - np.sqrt(2)), 0.0]])
   d = distances.l2_distances(q, g)
-  np.testing.assert_allclose(d, want, atol=1e-7)
+  tol = float64_distance_bound(2)
+  np.testing.assert_allclose(d, want, rtol=0, atol=tol)
   kept = np.array([[True, True, False], [True, True, True]])
   intra, inter = distances.intra_inter(d, np.array([1, 2]), np.array([1, 2, 2]), kept)
-  np.testing.assert_allclose(np.sort(intra), np.sort([0.0, want[1, 1], 0.0]), atol=1e-7)
-  np.testing.assert_allclose(np.sort(inter), np.sort([want[0, 1], np.sqrt(2)]), atol=1e-7)
+  np.testing.assert_allclose(np.sort(intra), np.sort([0.0, want[1, 1], 0.0]), rtol=0, atol=tol)
+  np.testing.assert_allclose(np.sort(inter), np.sort([want[0, 1], np.sqrt(2)]), rtol=0, atol=tol)
   np.testing.assert_array_equal(ranklist.top_k(np.array([0.3, 0.1, 0.2, 0.1]), np.array([1, 1, 0, 1], bool), 2),
                                 [1, 3])
 
@@ -87,6 +97,9 @@ def test_visualize_end_to_end_on_the_synthetic_run(tmp_path):
     qn = emb[entry["query"]] / np.linalg.norm(emb[entry["query"]], axis=1, keepdims=True)
     gn = emb[entry["gallery"]] / np.linalg.norm(emb[entry["gallery"]], axis=1, keepdims=True)
     d = np.sqrt(np.maximum(0, ((qn[:, None, :] - gn[None, :, :]) ** 2).sum(-1)))
+    # visualize embeds with the evaluator's own function and program (evaluator.embed_test_sets): the same float32
+    # embeddings, so only the two float64 distance formulas differ.
+    tol = float64_distance_bound(qn.shape[1])
     assert [r["position"] for r in entry["queries"]] == [0, 3, 5]
     colours = set()
     for r in entry["queries"]:
@@ -96,7 +109,8 @@ def test_visualize_end_to_end_on_the_synthetic_run(tmp_path):
       top = [c["index"] for c in r["gallery"]]
       assert top == list(np.argsort(d[i], kind="stable")[:10])
       assert [c["pid"] for c in r["gallery"]] == list(g.labels[top])
-      np.testing.assert_allclose([c["distance"] for c in r["gallery"]], d[i, top], atol=1e-5)
+      # The summary's distances are d's formula's twin on the same embeddings (float64_distance_bound).
+      np.testing.assert_allclose([c["distance"] for c in r["gallery"]], d[i, top], rtol=0, atol=tol)
       colours |= {c["pid"] == r["pid"] for c in r["gallery"]}
     # Frames: pure-ish green pixels iff some shown match is correct, red iff some is wrong.
     green = ((pixels[..., 1] > 140) & (pixels[..., 0] < 60) & (pixels[..., 2] < 60)).sum()
@@ -105,8 +119,8 @@ def test_visualize_end_to_end_on_the_synthetic_run(tmp_path):
     same = q.labels[:, None] == g.labels[None, :]
     for run, s in entry["distances"].items():  # both columns: the same workdir.
       assert s["num_intra"] == same.sum() and s["num_inter"] == (~same).sum()
-      assert s["intra_mean"] == pytest.approx(d[same].mean(), abs=1e-5)
-      assert s["inter_mean"] == pytest.approx(d[~same].mean(), abs=1e-5)
+      assert s["intra_mean"] == pytest.approx(d[same].mean(), rel=0, abs=tol)  # means of distances within tol.
+      assert s["inter_mean"] == pytest.approx(d[~same].mean(), rel=0, abs=tol)
       assert 0.0 <= s["overlap"] <= 1.0
     assert len(entry["distances"]) == 2
     assert _png_size(os.path.join(out, f"tsne_{name}.png"))[0] == (700, 700)
