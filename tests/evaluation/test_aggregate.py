@@ -19,11 +19,13 @@ def test_hand_worked_mean_and_both_stds():
   pop = aggregate.aggregate(runs)["visible_to_infrared"]
   assert pop["keys"] == [1, 2, 3] and pop["metrics"] == ["rank1", "rank5", "mAP"]
   # rank1 10, 20, 30: mean 20; squared deviations 100 + 0 + 100 = 200; population 200/3, sample 200/2.
-  assert pop["mean"]["rank1"] == pytest.approx(20.0) and pop["std"]["rank1"] == pytest.approx(math.sqrt(200 / 3))
-  assert pop["mean"]["mAP"] == pytest.approx(12.0) and pop["std"]["mAP"] == pytest.approx(math.sqrt(8 / 3))
+  # Integer-valued runs: every sum and square is exact in float64, so the mean is exact and the std is
+  # sqrt(fl(200 / 3)), the same two roundings as the expected side. Compared exactly.
+  assert pop["mean"]["rank1"] == 20.0 and pop["std"]["rank1"] == math.sqrt(200 / 3)
+  assert pop["mean"]["mAP"] == 12.0 and pop["std"]["mAP"] == math.sqrt(8 / 3)
   assert pop["per_run"][3] == {"rank1": 30.0, "rank5": 35.0, "mAP": 12.0}
   sample = aggregate.aggregate(runs, ddof=1)["visible_to_infrared"]
-  assert sample["std"]["rank1"] == pytest.approx(10.0) and sample["std"]["mAP"] == pytest.approx(2.0)
+  assert sample["std"]["rank1"] == 10.0 and sample["std"]["mAP"] == 2.0  # sqrt(100), sqrt(4): exact.
   table = aggregate.format_aggregate({"visible_to_infrared": sample}, key_name="data.trial")
   assert table.splitlines()[0] == ("| setting | data.trial | runs (cells: mean ± sample std (ddof=1)) | Rank-1 | "
                                    "Rank-5 | mAP |")
@@ -41,7 +43,7 @@ def test_eval_mode_rows_use_their_mean_and_a_metric_missing_from_one_run_is_left
   assert numbers == {"visible_to_infrared": {7: {"rank1": 40.0, "mAP": 30.0, "mINP": 20.0}}}
   agg = aggregate.aggregate([numbers, aggregate.run_numbers(_training_report(20.0, 10.0), 8)])
   assert agg["visible_to_infrared"]["metrics"] == ["rank1", "mAP"]  # mINP and Rank-5 are not in both.
-  assert agg["visible_to_infrared"]["mean"]["rank1"] == pytest.approx(30.0)
+  assert agg["visible_to_infrared"]["mean"]["rank1"] == 30.0  # (40 + 20) / 2: exact in float64.
   assert aggregate.report_reranked(eval_report) and not aggregate.report_reranked(_training_report(1.0, 1.0))
   one = aggregate.aggregate([numbers], ddof=1)["visible_to_infrared"]
   assert math.isnan(one["std"]["rank1"])  # a sample std of one run is undefined.

@@ -16,6 +16,9 @@ from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
 from input_pipeline.sources import DataSource, EvalDirection
 
 
+U64 = 2.0 ** -53  # float64 unit roundoff.
+
+
 def roc_reference(genuine, impostor, far):
   """Best VR over thresholds t (accept >= t) with FAR(t) <= far, by sweeping every distinct score."""
   genuine, impostor = np.asarray(genuine, float), np.asarray(impostor, float)
@@ -24,6 +27,9 @@ def roc_reference(genuine, impostor, far):
   for t in thresholds:
     fa = np.sum(impostor >= t) / len(impostor)
     vr = np.sum(genuine >= t) / len(genuine)
+    # far has at most 3 decimals and at most 3,480 impostors are swept here, so a FAR k / n other than far is at
+    # least 1 / (1000 n) > 2.8e-7 away from it, while k / n == far in decimals rounds to within 1 ulp (~1e-16) of
+    # the float far: 1e-12 admits exactly the ties.
     if fa <= far + 1e-12:
       best = max(best, vr)
   return best
@@ -41,7 +47,7 @@ def test_verification_rate_hand_worked():
   assert face.verification_rate(genuine, impostor, 0.3) == 0.75
   # FAR 29 % of 100 impostors is 29 impostors, not 28 (floating point: 0.29 * 100 = 28.999...).
   imp = np.arange(100, dtype=float)  # scores 0..99; 29 accepted -> threshold above 70.
-  assert face.verification_rate([70.0, 70.5, 71.0], imp, 0.29) == pytest.approx(2 / 3)
+  assert face.verification_rate([70.0, 70.5, 71.0], imp, 0.29) == 2 / 3  # count / n: one float64 division, as here.
   # FAR 100 %: everything accepted.
   assert face.verification_rate([-5.0], impostor, 1.0) == 1.0
 
@@ -53,8 +59,9 @@ def test_verification_rate_matches_an_independent_roc_sweep(seed):
   # Quantised scores make ties between and within the two groups common.
   genuine = np.round(rng.normal(0.5, 0.3, n_gen), 2)
   impostor = np.round(rng.normal(0.0, 0.3, n_imp), 2)
+  # Both are a count of genuine scores over len(genuine), one float64 division: equal counts give equal floats.
   for far in (0.0, 0.001, 0.01, 0.05, 0.1, 0.37, 1.0):
-    assert face.verification_rate(genuine, impostor, far) == pytest.approx(roc_reference(genuine, impostor, far)), far
+    assert face.verification_rate(genuine, impostor, far) == roc_reference(genuine, impostor, far), far
 
 
 def test_verification_rate_rejects_bad_input():
@@ -68,7 +75,10 @@ def test_cosine_similarity_is_the_normalised_dot_product():
   rng = np.random.default_rng(0)
   a, b = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
   want = np.array([[np.dot(x, y) / np.linalg.norm(x) / np.linalg.norm(y) for y in b] for x in a])
-  np.testing.assert_allclose(face.cosine_similarity(a, b), want, rtol=1e-12)
+  # float64, E = 6: a dot product errs by <= E u64 |x| |y|, each norm by <= (E / 2 + 1) u64 relative, each division
+  # u64: <= (2 E + 4) u64 = 16 u64 of the cosine's scale 1 per side (absolute, as the error scales with |x| |y|, not
+  # with the cosine), 32 u64 ~ 3.6e-15 for the two.
+  np.testing.assert_allclose(face.cosine_similarity(a, b), want, rtol=0, atol=2 * (2 * 6 + 4) * U64)
 
 
 def test_rank1_and_ranks_hand_worked():
@@ -131,14 +141,16 @@ def test_protocol_dispatch_scores_each_fold_and_the_mean_and_std_over_folds():
   r = results["nir_to_vis"]
   assert [t["fold"] for t in r["per_trial"]] == [1, 2, 3]
   for t in r["per_trial"]:
+    # Rank-1 and VR are 100 x counts / n, the reference's from float32 scores: the same counts (no score within
+    # float32 rounding of the deciding one) through the same float64 operations give the same floats.
     for key in face.METRICS:
-      assert t[key] == pytest.approx(refs[t["fold"]][key], abs=1e-9), (t["fold"], key)
+      assert t[key] == refs[t["fold"]][key], (t["fold"], key)
     assert t["num_query"] == 120 and t["num_gallery"] == 30 and t["num_genuine"] == 120
   assert 0 < r["mean"]["rank1"] < 100  # the noise makes some probes fail: the numbers are not trivially 100.
   for key in face.METRICS:
-    values = [refs[k][key] for k in (1, 2, 3)]
-    assert r["mean"][key] == pytest.approx(np.mean(values))
-    assert r["std"][key] == pytest.approx(np.std(values))
+    values = [refs[k][key] for k in (1, 2, 3)]  # the per-fold numbers themselves (above): the same np.mean, np.std.
+    assert r["mean"][key] == np.mean(values)
+    assert r["std"][key] == np.std(values)
   assert [t["train_overlap_subjects"] for t in r["per_trial"]] == [1, 0, 0]
   # the default scores only the trained fold.
   config.evals.face_folds = ()

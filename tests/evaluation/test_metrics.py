@@ -13,6 +13,16 @@ from hypothesis import given, settings
 from fdnm_jax.evaluation import compute_metrics, pairwise_distance
 from fdnm_jax.evaluation.metrics import euclidean_distance
 
+U = 2.0 ** -24  # float32 unit roundoff.
+# compute_metrics scores each query in float32 (metrics._precision_scores): AP = (sum_j fl(j / r_j)) / n rounds once
+# per term, at most n - 1 times in the sum of the n positive terms and once in the division, so
+# |AP - exact| <= (n + 1) u (AP <= 1); INP = n / r_n rounds once. The float64 mean over queries and the float64
+# references add < 1e-13. At most 11 kept matches per query here (hand-worked cases 3, the hypothesis galleries 11
+# items, the 600 x 40 case 8):
+AP_TOL = (11 + 1) * U  # ~7.2e-7
+# The CMC is the float64 mean of 0/1 flags (an exact integer sum, one division): fl(k / Q), the same float as the
+# references' np.mean of the same flags (and exact for the dyadic hand values), so it is compared exactly.
+
 
 def _gallery(*items):
   """(pid, camera, distance) triples -> g_pids, g_camids, one distance row."""
@@ -33,9 +43,9 @@ def test_sysu_cam3_query_drops_every_cam2_item_whatever_its_identity():
   #   matches at r = 2, 3, 5: AP = (1/2 + 2/3 + 3/5) / 3 = 53/90; INP = 3/5; identity list [2, 1, 3] -> hit at 2.
   m = _metrics([row, row], [1, 1], [3, 6], g_pids, g_cams, "sysu", max_rank=4)
   assert m["num_valid_queries"] == 2
-  assert m["mAP"] == pytest.approx((5 / 6 + 53 / 90) / 2, abs=1e-6)
-  assert m["mINP"] == pytest.approx((2 / 3 + 3 / 5) / 2, abs=1e-6)
-  np.testing.assert_allclose(m["cmc"], [0.5, 1.0, 1.0, 1.0], atol=1e-6)
+  assert m["mAP"] == pytest.approx((5 / 6 + 53 / 90) / 2, abs=AP_TOL)
+  assert m["mINP"] == pytest.approx((2 / 3 + 3 / 5) / 2, abs=AP_TOL)
+  np.testing.assert_array_equal(m["cmc"], [0.5, 1.0, 1.0, 1.0])
 
 
 def test_sysu_keeps_same_pid_same_camera_items_as_agw():
@@ -43,9 +53,9 @@ def test_sysu_keeps_same_pid_same_camera_items_as_agw():
   # Query pid 1, cam 1 (not 3): AGW's eval_sysu removes nothing, so list = [1, 2, 1]:
   #   matches at r = 1, 3: AP = (1 + 2/3) / 2 = 5/6; INP = 2/3; Rank-1 hit.
   m = _metrics([row], [1], [1], g_pids, g_cams, "sysu", max_rank=3)
-  assert m["mAP"] == pytest.approx(5 / 6, abs=1e-6)
-  assert m["mINP"] == pytest.approx(2 / 3, abs=1e-6)
-  np.testing.assert_allclose(m["cmc"], [1.0, 1.0, 1.0])
+  assert m["mAP"] == pytest.approx(5 / 6, abs=AP_TOL)
+  assert m["mINP"] == pytest.approx(2 / 3, abs=AP_TOL)
+  np.testing.assert_array_equal(m["cmc"], [1.0, 1.0, 1.0])
 
 
 def test_llcm_drops_same_pid_same_camera_items_only():
@@ -53,18 +63,18 @@ def test_llcm_drops_same_pid_same_camera_items_only():
   # Query pid 1, cam 1: item 0 (pid 1, cam 1) goes, item 1 (pid 2, cam 1) stays; kept list = [2, 1]:
   #   match at r = 2: AP = 1/2; INP = 1/2; identity list [2, 1] -> hit at 2.
   m = _metrics([row], [1], [1], g_pids, g_cams, "llcm", max_rank=3)
-  assert m["mAP"] == pytest.approx(0.5, abs=1e-6)
-  assert m["mINP"] == pytest.approx(0.5, abs=1e-6)
-  np.testing.assert_allclose(m["cmc"], [0.0, 1.0, 1.0])
+  assert m["mAP"] == pytest.approx(0.5, abs=AP_TOL)
+  assert m["mINP"] == pytest.approx(0.5, abs=AP_TOL)
+  np.testing.assert_array_equal(m["cmc"], [0.0, 1.0, 1.0])
 
 
 def test_regdb_removes_nothing():
   g_pids, g_cams, row = _gallery((1, 1, 0.1), (2, 1, 0.2), (1, 2, 0.3))
   # Same input as the llcm case, but the list stays [1, 2, 1]: matches at 1, 3: AP = 5/6, INP = 2/3.
   m = _metrics([row], [1], [1], g_pids, g_cams, "regdb", max_rank=3)
-  assert m["mAP"] == pytest.approx(5 / 6, abs=1e-6)
-  assert m["mINP"] == pytest.approx(2 / 3, abs=1e-6)
-  np.testing.assert_allclose(m["cmc"], [1.0, 1.0, 1.0])
+  assert m["mAP"] == pytest.approx(5 / 6, abs=AP_TOL)
+  assert m["mINP"] == pytest.approx(2 / 3, abs=AP_TOL)
+  np.testing.assert_array_equal(m["cmc"], [1.0, 1.0, 1.0])
 
 
 def test_identity_deduplication_changes_cmc_but_not_ap():
@@ -73,9 +83,9 @@ def test_identity_deduplication_changes_cmc_but_not_ap():
   # AP = INP = 1/4 for all three. sysu/llcm CMC: identity list [2, 1, 3] -> hit at 2; regdb: hit at 4.
   for protocol, cmc in (("sysu", [0, 1, 1, 1, 1]), ("llcm", [0, 1, 1, 1, 1]), ("regdb", [0, 0, 0, 1, 1])):
     m = _metrics([row], [1], [6], g_pids, g_cams, protocol, max_rank=5)
-    assert m["mAP"] == pytest.approx(0.25, abs=1e-6), protocol
-    assert m["mINP"] == pytest.approx(0.25, abs=1e-6), protocol
-    np.testing.assert_allclose(m["cmc"], cmc, err_msg=protocol)
+    assert m["mAP"] == pytest.approx(0.25, abs=AP_TOL), protocol
+    assert m["mINP"] == pytest.approx(0.25, abs=AP_TOL), protocol
+    np.testing.assert_array_equal(m["cmc"], cmc, err_msg=protocol)
 
 
 def test_queries_without_a_kept_match_are_skipped_not_counted_as_misses():
@@ -85,9 +95,9 @@ def test_queries_without_a_kept_match_are_skipped_not_counted_as_misses():
   # skipped. So 1 valid query; counting B and C as misses would give Rank-3 = 1/3 instead of 1.
   m = _metrics([row, row, row], [1, 9, 2], [6, 6, 3], g_pids, g_cams, "sysu", max_rank=4)
   assert m["num_valid_queries"] == 1
-  assert m["mAP"] == pytest.approx(1 / 3, abs=1e-6)
-  assert m["mINP"] == pytest.approx(1 / 3, abs=1e-6)
-  np.testing.assert_allclose(m["cmc"], [0, 0, 1, 1])
+  assert m["mAP"] == pytest.approx(1 / 3, abs=AP_TOL)
+  assert m["mINP"] == pytest.approx(1 / 3, abs=AP_TOL)
+  np.testing.assert_array_equal(m["cmc"], [0, 0, 1, 1])
 
 
 def test_minp_is_matches_over_rank_of_the_hardest_match():
@@ -97,9 +107,9 @@ def test_minp_is_matches_over_rank_of_the_hardest_match():
   # Query 1: AP = (1/1 + 2/2 + 3/5) / 3 = 13/15; INP = 3/5. Query 2: AP = INP = 1/3.
   # mAP = (13/15 + 1/3) / 2 = 3/5; mINP = (3/5 + 1/3) / 2 = 7/15; regdb CMC: hits at 1 and 3.
   m = _metrics(rows, [1, 3], [1, 1], g_pids, g_cams, "regdb", max_rank=3)
-  assert m["mAP"] == pytest.approx(3 / 5, abs=1e-6)
-  assert m["mINP"] == pytest.approx(7 / 15, abs=1e-6)
-  np.testing.assert_allclose(m["cmc"], [0.5, 0.5, 1.0])
+  assert m["mAP"] == pytest.approx(3 / 5, abs=AP_TOL)
+  assert m["mINP"] == pytest.approx(7 / 15, abs=AP_TOL)
+  np.testing.assert_array_equal(m["cmc"], [0.5, 0.5, 1.0])
 
 
 def test_cmc_is_padded_with_its_last_value_past_a_short_list():
@@ -108,8 +118,8 @@ def test_cmc_is_padded_with_its_last_value_past_a_short_list():
   # sysu identity list [2, 1] (2 entries): hit at 2 -> [0, 1] then 1 up to rank 20.
   for protocol in ("regdb", "sysu"):
     m = _metrics([row], [1], [6], g_pids, g_cams, protocol)
-    np.testing.assert_allclose(m["cmc"], [0.0] + [1.0] * 19, err_msg=protocol)
-    assert m["mAP"] == pytest.approx(0.5, abs=1e-6)
+    np.testing.assert_array_equal(m["cmc"], [0.0] + [1.0] * 19, err_msg=protocol)
+    assert m["mAP"] == pytest.approx(0.5, abs=AP_TOL)
 
 
 def test_ties_are_broken_by_gallery_order():
@@ -117,17 +127,17 @@ def test_ties_are_broken_by_gallery_order():
   # INP = 2/3, regdb hit at 2. (Reversing the gallery would put the matches first: AP 1.)
   g_pids, g_cams, row = _gallery((2, 1, 0.5), (1, 1, 0.5), (1, 1, 0.5))
   m = _metrics([row], [1], [6], g_pids, g_cams, "regdb", max_rank=3)
-  assert m["mAP"] == pytest.approx(7 / 12, abs=1e-6)
-  assert m["mINP"] == pytest.approx(2 / 3, abs=1e-6)
-  np.testing.assert_allclose(m["cmc"], [0, 1, 1])
+  assert m["mAP"] == pytest.approx(7 / 12, abs=AP_TOL)
+  assert m["mINP"] == pytest.approx(2 / 3, abs=AP_TOL)
+  np.testing.assert_array_equal(m["cmc"], [0, 1, 1])
   # -0.0 == 0.0 (as NumPy compares them): the later 0.0 match stays second, AP = 1/2 (a bitwise order gives 1).
   g_pids, g_cams, row = _gallery((2, 1, 0.0), (1, 1, -0.0))
   m = _metrics([row], [1], [6], g_pids, g_cams, "regdb", max_rank=2)
-  assert m["mAP"] == pytest.approx(0.5, abs=1e-6)
+  assert m["mAP"] == pytest.approx(0.5, abs=AP_TOL)
   # A subnormal distance is not a tie with 0.0 (XLA's CPU float compare would flush it): list [2, 1], AP = 1/2.
   g_pids, g_cams, row = _gallery((1, 1, 1e-40), (2, 1, 0.0))
   m = _metrics([row], [1], [6], g_pids, g_cams, "regdb", max_rank=2)
-  assert m["mAP"] == pytest.approx(0.5, abs=1e-6)
+  assert m["mAP"] == pytest.approx(0.5, abs=AP_TOL)
 
 
 def test_no_valid_query_is_an_error():
@@ -200,9 +210,9 @@ def test_matches_per_query_reference(case):
     return
   m = compute_metrics(dist, q_pids, g_pids, q_cams, g_cams, protocol, max_rank=max_rank, query_chunk=4)
   cmc, mean_ap, mean_inp, num_valid = expected
-  np.testing.assert_allclose(m["cmc"], cmc, atol=1e-6)
-  assert m["mAP"] == pytest.approx(mean_ap, abs=1e-6)
-  assert m["mINP"] == pytest.approx(mean_inp, abs=1e-6)
+  np.testing.assert_array_equal(m["cmc"], cmc)
+  assert m["mAP"] == pytest.approx(mean_ap, abs=AP_TOL)
+  assert m["mINP"] == pytest.approx(mean_inp, abs=AP_TOL)
   assert m["num_valid_queries"] == num_valid
 
 
@@ -216,9 +226,9 @@ def test_several_row_blocks_and_chunks_match_reference(protocol):
   q_cams, g_cams = rng.integers(1, 7, 600), rng.integers(1, 7, 40)
   m = compute_metrics(jnp.asarray(dist), q_pids, g_pids, q_cams, g_cams, protocol, max_rank=10, query_chunk=300)
   cmc, mean_ap, mean_inp, num_valid = _reference(dist, q_pids, g_pids, q_cams, g_cams, protocol, 10)
-  np.testing.assert_allclose(m["cmc"], cmc, atol=1e-6)
-  assert (m["mAP"], m["mINP"], m["num_valid_queries"]) == (pytest.approx(mean_ap, abs=1e-6),
-                                                            pytest.approx(mean_inp, abs=1e-6), num_valid)
+  np.testing.assert_array_equal(m["cmc"], cmc)
+  assert (m["mAP"], m["mINP"], m["num_valid_queries"]) == (pytest.approx(mean_ap, abs=AP_TOL),
+                                                            pytest.approx(mean_inp, abs=AP_TOL), num_valid)
 
 
 def test_pairwise_distance_is_minus_the_plain_dot_product_and_euclidean_the_plain_norm():

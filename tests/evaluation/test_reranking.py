@@ -16,7 +16,11 @@ def test_lambda_one_gives_the_squared_row_scaled_original_distance():
   #   [0.25, 4, 16] / 16. Query 1.0: to queries [1, 0], gallery [0.5, 1, 3] -> squared / 9: [0.25, 1, 9] / 9.
   out = re_ranking(_distances(q, g), _distances(q, q), _distances(g, g), k1=2, k2=1, lambda_value=1.0)
   assert out.shape == (2, 3) and out.dtype == np.float32
-  np.testing.assert_allclose(out, [[0.25 / 16, 4 / 16, 1.0], [0.25 / 9, 1 / 9, 1.0]], rtol=1e-6)
+  # lambda 1: out = jaccard * 0 + original * 1, exactly the float32 original. Its squares (0.25, 1, 4, 9, 16) are
+  # exact, so each entry is one float32 division of exact values, correctly rounded: the same float32 quotients
+  # computed here. Compared exactly.
+  squared = np.array([[0.25, 4.0, 16.0], [0.25, 1.0, 9.0]], np.float32)
+  np.testing.assert_array_equal(out, squared / np.array([[16.0], [9.0]], np.float32))
 
 
 def test_reranking_puts_a_k_reciprocal_neighbour_before_a_closer_distractor():

@@ -16,6 +16,21 @@ from input_pipeline import augment, pipeline
 H, W = 12, 8
 RNG = np.random.default_rng(0)
 IMAGE = RNG.uniform(0.0, 1.0, size=(H, W, 3)).astype(np.float32)
+U = 2.0 ** -24  # float32 unit roundoff.
+
+
+def normalised_bound(pixel_error: float) -> float:
+  """Worst-case float32 error of `normalize` (z = (x - mean) / std, x in [0, 1], |z| <= 2.64) of an x already
+  `pixel_error` off ([0, 1] units): the float32 mean and the subtraction add <= u (mean + |x - mean| <= 1), divided by
+  the smallest std (0.224); the float32 std and the division add 2u |z| (3u |z| if the division is a product with the
+  rounded reciprocal)."""
+  return (pixel_error + U) / min(augment.IMAGENET_STD) + 3 * U * 2.64
+
+
+# float32 gray = 0.299 R + 0.587 G + 0.114 B of values in [0, 1): the rounded weights and the products (2u per term)
+# and the two additions (2u) of terms summing to <= 1: <= 4u ~ 2.4e-7. 1e-6 keeps 4x over it (gaps of a third of
+# the worst case occur). An ungrayed channel differs from the gray value by up to ~0.5.
+GRAY_TOL = 1e-6
 
 
 def _seed(i: int) -> tf.Tensor:
@@ -29,6 +44,8 @@ def test_constants_are_imagenet():
 
 def test_normalize():
   expected = (IMAGE - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  # Worst case 4.5u + 2u |z| <= 10u ~ 6e-7 (normalised_bound(0) = 12u with a reciprocal). The tolerance,
+  # 1e-6 + 1e-6 |z| (17u..61u), keeps >= 3.7x over it: gaps of half the worst case occur, too close to the bound itself.
   np.testing.assert_allclose(augment.normalize(tf.constant(IMAGE)).numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -45,10 +62,17 @@ def _bilinear_reference(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
   return rows[:, c0] * (1 - fc)[None, :, None] + rows[:, c1] * fc[None, :, None]
 
 
+# TensorFlow's bilinear resize in float32 of values in [0, 1]: the source position (i + 0.5) * fl(n_in / n_out) - 0.5
+# rounds the scale, the product and the subtraction, <= 3u x (i + 0.5) scale: <= 32u for the rows of 12 -> 5 (up to
+# 10.8), <= 20u for the columns of 8 -> 3 (up to 6.7), exact at 2x upscaling; times neighbour differences <= 1. The
+# lerps a + (b - a) t round 3 times each: <= 3u per axis, 6u. <= 58u in all:
+BILINEAR_TOL = 64 * U  # ~3.8e-6
+
+
 @pytest.mark.parametrize("size", [(24, 16), (5, 3), (H, W)])
 def test_tf_bilinear_resize_matches_bilinear_reference(size):
   out = augment.resize(tf.constant(IMAGE), *size, "tf_bilinear").numpy()
-  np.testing.assert_allclose(out, _bilinear_reference(IMAGE.astype(np.float64), *size), atol=1e-5)
+  np.testing.assert_allclose(out, _bilinear_reference(IMAGE.astype(np.float64), *size), rtol=0, atol=BILINEAR_TOL)
   if size == (H, W):
     np.testing.assert_array_equal(out, IMAGE)
 
@@ -170,8 +194,9 @@ def test_pil_resize_of_the_same_size_and_on_unknown_shapes():
   np.testing.assert_array_equal(augment.resize(tf.constant(image), 40, 20).numpy(), image)
   # Inside tf.data the image shape is unknown until run time: the same numbers.
   fn = tf.function(lambda x: augment.resize(x, 64, 32), input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
-  np.testing.assert_allclose(fn(tf.constant(image)).numpy(), augment.resize(tf.constant(image), 64, 32).numpy(),
-                             atol=1e-4)  # float32 rounding of two equal matrix products in another order.
+  # The same weights (bit-identical in a graph and eagerly, as the precomputed-weights test below checks) in the same
+  # matrix product kernels with the same run-time shapes: the same floats.
+  np.testing.assert_array_equal(fn(tf.constant(image)).numpy(), augment.resize(tf.constant(image), 64, 32).numpy())
   assert fn(tf.constant(image[:30])).numpy().shape == (64, 32, 3)
 
 
@@ -203,10 +228,11 @@ def test_grayscale_formula_and_probability():
   expected = IMAGE @ np.array([0.299, 0.587, 0.114])
   always = augment.random_grayscale(tf.constant(IMAGE), 1.0, _seed(0)).numpy()
   for ch in range(3):
-    np.testing.assert_allclose(always[..., ch], expected, atol=1e-6)
+    np.testing.assert_allclose(always[..., ch], expected, rtol=0, atol=GRAY_TOL)
   np.testing.assert_array_equal(augment.random_grayscale(tf.constant(IMAGE), 0.0, _seed(0)).numpy(), IMAGE)
-  gray = [np.allclose(augment.random_grayscale(tf.constant(IMAGE), 0.5, _seed(i)).numpy()[..., 0], expected)
-          for i in range(40)]
+  gray = [np.allclose(augment.random_grayscale(tf.constant(IMAGE), 0.5, _seed(i)).numpy()[..., 0], expected, rtol=0,
+                      atol=GRAY_TOL) for i in range(40)]
+  # Binomial(40, 0.5): mean 20, sd sqrt(40 * 0.5 * 0.5) = 3.2; 6..34 is +-4.4 sd, P(outside) = 1.4e-6.
   assert 5 < sum(gray) < 35
 
 
@@ -275,6 +301,8 @@ def test_channel_augmentation():
     channel = [c for c in range(3) if all(np.array_equal(out[..., k], IMAGE[..., c]) for k in range(3))]
     assert len(channel) == 1
     counts[channel[0]] += 1
+  # Each outcome Binomial(200, 1/4): mean 50, sd sqrt(200 * 1/4 * 3/4) = 6.1; 27..73 is +-3.8 sd,
+  # P(any of the four outside) <= 5.4e-4.
   assert all(0.13 * n < v < 0.37 * n for v in counts.values()), counts
 
 
@@ -304,7 +332,9 @@ def test_train_transform(input_config):
   np.testing.assert_array_equal(plain, augment.eval_transform(image, 24, 16, "tf_bilinear").numpy())
   expected = ((_bilinear_reference(np.asarray(image, np.float64) / 255.0, 24, 16) - np.array(augment.IMAGENET_MEAN))
               / np.array(augment.IMAGENET_STD))
-  np.testing.assert_allclose(plain, expected, atol=1e-4)
+  # 12 x 8 -> 24 x 16 puts every source position at an exact dyadic value: only the lerps round (6u of values <= 255),
+  # then /255 (<= 2u), then the normalisation: normalised_bound(8u) ~ 48u ~ 2.9e-6.
+  np.testing.assert_allclose(plain, expected, rtol=0, atol=normalised_bound(8 * U))
 
 
 @pytest.mark.parametrize("method", ["pil_lanczos", "tf_bilinear"])
@@ -322,7 +352,9 @@ def test_the_eval_stream_resizes_with_config_input_resize(tiny_sets, input_confi
       tolerance = two_pass_bound(pixels.shape[0], 48, method)
     else:
       expected = augment.resize(tf.constant(pixels), 48, 24, "tf_bilinear").numpy().astype(np.float64)
-      tolerance = 1e-4  # the same op; float32 rounding of the normalisation only.
+      # The same op, so the same pixels: only /255 (<= 2u) and the normalisation round, normalised_bound(2u) ~ 21u;
+      # in grey levels, as the check below divides by 255 and the smallest std.
+      tolerance = normalised_bound(2 * U) * 255.0 * min(augment.IMAGENET_STD)
     normalised = (expected / 255.0 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
     assert np.abs(batch["images"][row] - normalised).max() <= tolerance / 255.0 / min(augment.IMAGENET_STD)
     if method == "pil_lanczos":  # the other method's pixels are outside that bound: the stream's choice shows.
