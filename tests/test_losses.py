@@ -8,6 +8,18 @@ import pytest
 
 from fdnm_jax import losses
 
+U = 2.0 ** -24  # float32 unit roundoff
+# Jitted float32 losses against float64 NumPy. Each assertion states the first-order worst-case bound of its float32
+# program (u per rounding, n u of the magnitudes for an n-term sum or dot product, 2 ulps per exp or log): at most
+# 8e-6 relative (plus 1e-6 absolute for a term near zero) except WRT's (WRT_RTOL); LOSS_RTOL covers them all.
+LOSS_RTOL = 1e-5
+# WRT's worst case, 4.3e-5 relative of the losses below: (1) an anchor's float32 distance to itself is the sqrt
+# of |a|^2 + |a|^2 - 2 a.a, whose two 6-term sums leave up to 24 u |a|^2 (seen: 1.4e-3 after the sqrt, not the
+# reference's 1e-6), weighed in by the positives' softmax mean, one sign for all anchors: <= 2.2e-5; (2) the
+# softmax weights and the 6- and 18-term weighted sums (fp, cn <= 4.6, fp - cn ~ 1): <= 2e-5; (3) the other
+# distances: 1.5e-6.
+WRT_RTOL = 5e-5
+
 
 def _np_dist(a, b):
   sq = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None, :] - 2 * a @ b.T
@@ -85,21 +97,26 @@ def test_cross_entropy(eps):
   logits = rng.normal(size=(6, 5)).astype(np.float32) * 3
   labels = rng.integers(0, 5, 6)
   value = jax.jit(losses.cross_entropy, static_argnums=2)(logits, labels, eps)
-  np.testing.assert_allclose(value, _np_cross_entropy(logits, labels, eps), rtol=1e-5)
+  # log-softmax over C = 5 classes (|logits| <= 7, |log p| <= 8.1), the smoothed sum, the mean over 6 rows: worst
+  # case 1.1e-6 relative, 9x below LOSS_RTOL.
+  np.testing.assert_allclose(value, _np_cross_entropy(logits, labels, eps), rtol=LOSS_RTOL)
 
 
 def test_batch_hard_triplet():
   x, labels, _ = _batch(1)
   fn = jax.jit(losses.batch_hard_triplet)  # the margin traced: one program for both margins.
   for margin in (0.3, 5.0):
-    np.testing.assert_allclose(fn(x, labels, margin), _np_batch_hard(x, labels, margin), rtol=1e-5)
+    # Distances |a|^2 + |b|^2 - 2 a.b over D = 6 (|a|^2 <= 19): <= 8 u (|a|^2 + |b|^2 + 2 |a.b|) / (2 d) <= 3e-6
+    # each; two per hinge, the mean of 24 hinges: worst case 2.9e-6 relative, 3.5x below LOSS_RTOL.
+    np.testing.assert_allclose(fn(x, labels, margin), _np_batch_hard(x, labels, margin), rtol=LOSS_RTOL)
   single = fn(x, np.zeros_like(labels))
   assert float(single) == 0.0
 
 
 def test_weighted_regularized_triplet():
   x, labels, _ = _batch(2)
-  np.testing.assert_allclose(jax.jit(losses.weighted_regularized_triplet)(x, labels), _np_wrt(x, labels), rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(losses.weighted_regularized_triplet)(x, labels), _np_wrt(x, labels),
+                             rtol=WRT_RTOL)
 
 
 def test_cnm_hand_built_batch_and_stop_gradient():
@@ -111,16 +128,20 @@ def test_cnm_hand_built_batch_and_stop_gradient():
   labels = np.array([7, 7, 3, 3])
   modality = np.array([0, 1, 0, 1])
   value, (g_o, g_n) = jax.jit(jax.value_and_grad(losses.center_nuances_mining, argnums=(0, 1)))(o, n, labels, modality)
-  np.testing.assert_allclose(value, 0.1, rtol=1e-5)  # mean_p (0.2 + 0) / 2
-  np.testing.assert_allclose(value, _np_cnm(o, n, labels, modality, 0.2), rtol=1e-5)
+  # mean_p (0.2 + 0) / 2, exact in float32: centres of one image each, d = 0.5 from 0.25, d(c2,c3) - d(c1,c3) = 0,
+  # the inactive hinges exactly 0, halvings: float32(0.2) / 2 = float32(0.1).
+  np.testing.assert_array_equal(value, np.float32(0.1))
+  # The float64 reference gives 0.1: one float32 rounding (the margin's) apart.
+  np.testing.assert_allclose(value, _np_cnm(o.astype(np.float64), n.astype(np.float64), labels, modality, 0.2),
+                             rtol=U)
   g_o, g_n = np.asarray(g_o), np.asarray(g_n)
   # o_v enters only sg(d(c1,c3)) (and hinges that are off): zero gradient; so does the nuance infrared.
   np.testing.assert_array_equal(g_o[modality == 0], 0.0)
   np.testing.assert_array_equal(g_n[modality == 1], 0.0)
   # d(c2,c3) = |o_i - n_v| is active: weight 1/2 in (L123 + L124)/2, 1/2 in the mean over 2 identities,
-  # along the unit direction (1, 0); one image per center.
-  np.testing.assert_allclose(g_o[modality == 1], [[0.25, 0], [0.25, 0]], atol=1e-6)
-  np.testing.assert_allclose(g_n[modality == 0], [[-0.25, 0], [-0.25, 0]], atol=1e-6)
+  # along the unit direction (1, 0); one image per center. Every factor is a power of two: exact in float32.
+  np.testing.assert_array_equal(g_o[modality == 1], [[0.25, 0], [0.25, 0]])
+  np.testing.assert_array_equal(g_n[modality == 0], [[-0.25, 0], [-0.25, 0]])
 
 
 def test_cnm_random_batches_match_numpy_and_are_nonnegative():
@@ -141,8 +162,10 @@ def test_cnm_random_batches_match_numpy_and_are_nonnegative():
     for margin in (0.2, 2.0):
       value = fn(o, n, labels, modality, margin=margin)
       assert float(value) >= 0.0
+      # Centres (means of <= 3 features, |x| <= 1.4), their distances over D = 6, 6 hinges per identity: worst
+      # case 4.7e-6 relative (losses 0.64 .. 4.9); atol for a loss near 0 (every hinge at its kink).
       np.testing.assert_allclose(value, _np_cnm(o.astype(np.float64), n.astype(np.float64), labels, modality,
-                                                margin), rtol=1e-5, atol=1e-6)
+                                                margin), rtol=LOSS_RTOL, atol=1e-6)
 
 
 def test_cnm_needs_two_complete_identities():
@@ -156,7 +179,9 @@ def test_cnm_needs_two_complete_identities():
 def test_orthogonality():
   rng = np.random.default_rng(4)
   a, b = rng.normal(size=(2, 5, 7)).astype(np.float32)
-  np.testing.assert_allclose(jax.jit(losses.orthogonality)(a, b), np.mean([a[i] @ b[i] for i in range(5)]), rtol=1e-5)
+  # 7-term dot products (sum |a_i b_i| <= 4.2), their mean over 5: worst case 1.3e-6 relative of the value -1.6.
+  np.testing.assert_allclose(jax.jit(losses.orthogonality)(a, b), np.mean([a[i] @ b[i] for i in range(5)]),
+                             rtol=LOSS_RTOL)
 
 
 def _config(**kwargs):
@@ -195,10 +220,13 @@ def test_total_loss_weighting_with_nuances():
   cnm = sum(_np_cnm(outputs["global"].astype(np.float64), nu.astype(np.float64), labels, modality, 0.2)
             for nu in outputs["nuances"])
   ort = np.mean(np.sum(outputs["nuances"][0] * outputs["nuances"][1], axis=1))
+  # Worst cases (relative): id 2.5e-6, triplet 4.2e-6, cnm 7.8e-6, ortho 4.8e-6 (of -0.73: 24-term mean of
+  # 6-term dot products); atol for a term near 0.
   np.testing.assert_allclose([terms["id"], terms["triplet"], terms["cnm"], terms["ortho"]], [ce, tri, cnm, ort],
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(total, 0.7 * ce + 1.3 * tri + 0.8 * cnm + 0.05 * ort, rtol=1e-5)
-  np.testing.assert_allclose(terms["total"], total)
+                             rtol=LOSS_RTOL, atol=1e-6)
+  # The terms' bounds and the float32 weights: worst case 4.8e-6 relative.
+  np.testing.assert_allclose(total, 0.7 * ce + 1.3 * tri + 0.8 * cnm + 0.05 * ort, rtol=LOSS_RTOL)
+  np.testing.assert_array_equal(terms["total"], total)  # the same value
 
 
 def test_total_loss_without_nuances_wrt_and_parts():
@@ -206,9 +234,10 @@ def test_total_loss_without_nuances_wrt_and_parts():
   total, terms = _jit_total_loss(_config(triplet="wrt", ortho_weight=1.0))(outputs, labels, modality)
   assert float(terms["cnm"]) == 0.0 and float(terms["ortho"]) == 0.0
   tri = np.mean([_np_wrt(f, labels) for f in outputs["features"]])  # one group per stripe and the global
-  np.testing.assert_allclose(terms["triplet"], tri, rtol=1e-5)
-  # NumPy's float32 add (the same IEEE sum) rather than an eager jax add, which compiles a program.
-  np.testing.assert_allclose(total, np.asarray(terms["id"]) + np.asarray(terms["triplet"]), rtol=1e-6)
+  np.testing.assert_allclose(terms["triplet"], tri, rtol=WRT_RTOL)  # three WRT losses (WRT_RTOL), their mean
+  # NumPy's float32 add (the same IEEE sum) rather than an eager jax add, which compiles a program: total is
+  # 1.0 * id + 1.0 * triplet plus exact zeros (no nuances), one rounding of the same two float32 values.
+  np.testing.assert_array_equal(total, np.asarray(terms["id"]) + np.asarray(terms["triplet"]))
   with pytest.raises(ValueError, match="loss.triplet"):
     losses.total_loss(outputs, labels, modality, _config(triplet="soft"))
 

@@ -9,6 +9,8 @@ from fdnm_jax.models import resnet
 # torchvision.models.resnet50() without `fc` (weight 2048x1000 + bias 1000): 25,557,032 - 2,049,000.
 TORCHVISION_RESNET50_NO_FC = 23_508_032
 
+U = 2.0 ** -24  # float32 unit roundoff
+
 
 def _paths(tree) -> dict[str, tuple[int, ...]]:
   return {"/".join(str(k.key) for k in path): tuple(leaf.shape)
@@ -122,6 +124,24 @@ def _np_maxpool(x):
   return out
 
 
+def _conv_bn_error(x, error, kernel, stride, pad, p, s):
+  """Worst-case float32 error of _np_bn(_np_conv(x, kernel, ...)) for an input x (float64 reference values)
+  computed to within `error`, with float32 kernel and BatchNorm variables (exact).
+
+  The conv is kh kw Cin-term dot products: gamma_(K+1) of the conv of magnitudes (+1: any contraction order), plus
+  the input's error through |kernel|. Flax's BatchNorm, (y - mean) * (scale * rsqrt(var + eps)) + bias, rounds 6
+  times (rsqrt's 2 ulps included): <= 6 u of |y - mean| gain + |bias|, and its gain |scale| / sqrt(var + eps)
+  scales the conv's error. ReLU and max-pool are 1-Lipschitz: an error bound passes through them (max-pool: the
+  window's maximum).
+  """
+  magnitude = np.abs(np.asarray(kernel, np.float64))
+  terms = int(np.prod(magnitude.shape[:3]))
+  gain = np.abs(np.asarray(p["scale"], np.float64)) / np.sqrt(np.asarray(s["var"], np.float64) + 1e-5)
+  centred = np.abs(_np_conv(x, np.asarray(kernel, np.float64), stride, pad) - s["mean"])
+  conv_error = _np_conv(error, magnitude, stride, pad) + (terms + 1) * U * _np_conv(np.abs(x), magnitude, stride, pad)
+  return gain * conv_error + 6 * U * (centred * gain + np.abs(p["bias"]))
+
+
 def _randomise(variables, seed):
   rng = np.random.default_rng(seed)
   def fill(path, leaf):
@@ -145,7 +165,10 @@ def test_stem_matches_numpy_torchvision_conventions():
   ref = _np_conv(x.astype(np.float64), np.asarray(p["conv1"]["kernel"], np.float64), 2, 3)
   ref = _np_maxpool(np.maximum(_np_bn(ref, p["bn1"], s["bn1"]), 0.0))
   assert y.shape == ref.shape == (2, 3, 3, 4)
-  np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5, rtol=1e-5)
+  # Worst-case float32 error per output (`_conv_bn_error`: 147-term conv, BatchNorm, max over the window), up to
+  # 9.3e-5 here: above a fixed 1e-5 + 1e-5 |y|.
+  error = _conv_bn_error(x.astype(np.float64), np.zeros(x.shape), p["conv1"]["kernel"], 2, 3, p["bn1"], s["bn1"])
+  np.testing.assert_array_less(np.abs(np.asarray(y) - ref), _np_maxpool(error))
 
 
 def test_bottleneck_with_downsample_matches_numpy():
@@ -155,13 +178,21 @@ def test_bottleneck_with_downsample_matches_numpy():
   y = jax.jit(lambda v, i: block.apply(v, i, train=False))(variables, x)
   p, s = variables["params"], variables["batch_stats"]
   k = lambda name: np.asarray(p[name]["kernel"], np.float64)
-  h = np.maximum(_np_bn(_np_conv(x, k("conv1"), 1, 0), p["bn1"], s["bn1"]), 0)
-  h = np.maximum(_np_bn(_np_conv(h, k("conv2"), 2, 1), p["bn2"], s["bn2"]), 0)
-  h = _np_bn(_np_conv(h, k("conv3"), 1, 0), p["bn3"], s["bn3"])
+  h1 = np.maximum(_np_bn(_np_conv(x, k("conv1"), 1, 0), p["bn1"], s["bn1"]), 0)
+  h2 = np.maximum(_np_bn(_np_conv(h1, k("conv2"), 2, 1), p["bn2"], s["bn2"]), 0)
+  h = _np_bn(_np_conv(h2, k("conv3"), 1, 0), p["bn3"], s["bn3"])
   r = _np_bn(_np_conv(x, k("downsample_conv"), 2, 0), p["downsample_bn"], s["downsample_bn"])
   ref = np.maximum(h + r, 0)
   assert y.shape == ref.shape == (2, 4, 3, 16)
-  np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5, rtol=1e-5)
+  # Worst-case float32 error per output, layer by layer (`_conv_bn_error`: 8-, 36- and 4-term convs and the 8-term
+  # shortcut, each through its BatchNorm), plus the residual sum's rounding: up to 1.1e-4 here, above a fixed
+  # 1e-5 + 1e-5 |y|.
+  x64 = x.astype(np.float64)
+  error = _conv_bn_error(x64, np.zeros(x.shape), k("conv1"), 1, 0, p["bn1"], s["bn1"])
+  error = _conv_bn_error(h1, error, k("conv2"), 2, 1, p["bn2"], s["bn2"])
+  error = _conv_bn_error(h2, error, k("conv3"), 1, 0, p["bn3"], s["bn3"])
+  error += _conv_bn_error(x64, np.zeros(x.shape), k("downsample_conv"), 2, 0, p["downsample_bn"], s["downsample_bn"])
+  np.testing.assert_array_less(np.abs(np.asarray(y) - ref), error + U * np.abs(h + r))
 
 
 def test_init_follows_torchvision():
@@ -170,6 +201,8 @@ def test_init_follows_torchvision():
   p = variables["params"]
   assert "downsample_conv" not in p  # 256 -> 256, stride 1: identity shortcut
   kernel = np.asarray(p["conv2"]["kernel"])  # fan_out = 3 * 3 * 64
+  # N = 36,864 normal samples: the sample std's relative standard error is 1 / sqrt(2 N) = 3.7e-3, so 0.03 is
+  # 8 sigma; the mean's is std / sqrt(N) = 3.1e-4, so 0.002 is 6.5 sigma.
   assert abs(kernel.std() / np.sqrt(2.0 / (9 * 64)) - 1.0) < 0.03
   assert abs(kernel.mean()) < 0.002
   for name in ("bn1", "bn2", "bn3"):
@@ -205,7 +238,15 @@ def test_stem_max_pool_matches_reduce_window_values_and_gradients():
                                            ((0, 0), (1, 1), (1, 1), (0, 0)))
     np.testing.assert_array_equal(np.asarray(jax.jit(resnet.max_pool_3x3_stride2)(x)), np.asarray(jax.jit(pool)(x)))
     grad = lambda f: jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(f(v)) * jnp.arange(f(v).size).reshape(f(v).shape))))(x)
-    np.testing.assert_allclose(np.asarray(grad(resnet.max_pool_3x3_stride2)), np.asarray(grad(pool)), atol=1e-6)
+    # Not bitwise: an input that is the maximum of several windows (up to 4) sums their cotangents, and the two
+    # rules sum them in different orders (measured: 1 ulp at one input). Each order is within 3 u of the sum of
+    # the cotangents' magnitudes, and each program's cotangent cos(y) * index within 3 u of its own (cos: 2 ulps):
+    # they differ by <= 12 u of that sum (the first-maximum gradient of |cotangent|; no ties here).
+    out = np.asarray(jax.jit(pool)(x), np.float64)
+    cotangent = np.abs(np.cos(out) * np.arange(out.size).reshape(out.shape))
+    bound = 12 * U * _np_max_pool_grad_first_max(x, cotangent)
+    gap = np.abs(np.asarray(grad(resnet.max_pool_3x3_stride2)) - np.asarray(grad(pool)))
+    assert np.all(gap <= bound), np.max(gap - bound)  # inputs that are no window's maximum: 0 = 0.
 
 
 def _np_max_pool_grad_first_max(x, grad_out):
@@ -231,6 +272,8 @@ def test_stem_max_pool_gradient_at_ties_goes_to_the_first_maximum():
   x = np.maximum(rng.integers(-3, 3, size=(2, 7, 6, 2)), 0).astype(np.float32)  # ~60 % zeros, repeated values
   grad_out = rng.normal(size=(2, 4, 3, 2)).astype(np.float32)
   (grad,) = jax.jit(lambda v, g: jax.vjp(resnet.max_pool_3x3_stride2, v)[1](g))(x, grad_out)
+  # Each input's gradient is a float32 sum of <= 4 of the cotangents: <= 3 u of their magnitudes' sum, which is
+  # <= 4.6 here: 8.2e-7, within 1e-6.
   np.testing.assert_allclose(np.asarray(grad), _np_max_pool_grad_first_max(x, grad_out), atol=1e-6)
 
 

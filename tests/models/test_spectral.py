@@ -7,6 +7,8 @@ import pytest
 
 from fdnm_jax.models import spectral
 
+U = 2.0 ** -24  # float32 unit roundoff
+
 
 def _np_rfft2(x):
   return np.fft.rfft2(x.astype(np.float64), axes=(1, 2), norm="ortho")
@@ -141,8 +143,10 @@ def test_near_cut_fraction_counts_by_hand():
   valid[0, 2, 1, 0] = False
   zeros = np.zeros_like(phase)
   p = spectral.Polar(zeros, phase, zeros, zeros, zeros, zeros, valid)
-  # counted: 12 - 4 self-conjugate - 1 floored = 7; near: 2
-  np.testing.assert_allclose(jax.jit(spectral.near_cut_fraction, static_argnums=(1, 2))(p, 4, 1e-3), 2 / 7, rtol=1e-6)
+  # counted: 12 - 4 self-conjugate - 1 floored = 7; near: 2. Both counts are exact float32 sums of ones, so the
+  # fraction is one IEEE division: exactly float32(2) / float32(7).
+  np.testing.assert_array_equal(jax.jit(spectral.near_cut_fraction, static_argnums=(1, 2))(p, 4, 1e-3),
+                                np.float32(2) / np.float32(7))
 
 
 def test_unknown_guard_is_named():
@@ -158,12 +162,22 @@ def test_dft_matmul_transforms_match_numpy_fft(height, width):
   x = rng.normal(size=(2, height, width, 3)).astype(np.float32)
   re, im = jax.jit(spectral.dft_rfft2)(x)
   reference = _np_rfft2(x)
-  np.testing.assert_allclose(re, reference.real, atol=2e-6)
-  np.testing.assert_allclose(im, reference.imag, atol=2e-6)
+  # Worst-case float32 error, per map and channel: W-term dot products of the rows with float32 entries <= 1/sqrt(W)
+  # (gamma_(W+1)), then 2H-term ones with (cos, sin) pairs / sqrt(H) (|cos| + |sin| <= sqrt(2), gamma_(2H+1)):
+  # sqrt(2) (W + 2H + 2) u sum|x| / sqrt(HW), up to 1e-5 here.
+  bound = np.sqrt(2) * (width + 2 * height + 2) * U * np.abs(x).sum(axis=(1, 2), keepdims=True)
+  bound = np.broadcast_to(bound / np.sqrt(height * width), re.shape)
+  np.testing.assert_array_less(np.abs(re - reference.real), bound)
+  np.testing.assert_array_less(np.abs(im - reference.imag), bound)
   # Any half spectrum, not only a Hermitian one: irfft2 drops the imaginary parts numpy drops.
   half = (rng.normal(size=reference.shape) + 1j * rng.normal(size=reference.shape)).astype(np.complex64)
   y = jax.jit(spectral.dft_irfft2, static_argnums=(2, 3))(half.real, half.imag, height, width)
-  np.testing.assert_allclose(y, _np_irfft2(half, height, width), atol=2e-6)
+  # The inverse likewise: 2H-term products (entries <= 1/sqrt(H)), then 2K-term ones with (cos, sin) pairs times
+  # c_k <= 2 over sqrt(W): 2 sqrt(2) (2H + 2K + 2) u sum(|re| + |im|) / sqrt(HW), up to 2.2e-5 here.
+  k_count = width // 2 + 1
+  bound = 2 * np.sqrt(2) * (2 * height + 2 * k_count + 2) * U / np.sqrt(height * width)
+  bound = np.broadcast_to(bound * (np.abs(half.real) + np.abs(half.imag)).sum(axis=(1, 2), keepdims=True), y.shape)
+  np.testing.assert_array_less(np.abs(y - _np_irfft2(half, height, width)), bound)
 
 
 def test_dft_matmul_inverse_gradient_is_the_transpose_of_numpy_irfft2():
@@ -181,8 +195,12 @@ def test_dft_matmul_inverse_gradient_is_the_transpose_of_numpy_irfft2():
       unit[0, u, v, 0] = 1.0
       expected_re[u, v] = np.sum(weights * _np_irfft2(unit, height, width))
       expected_im[u, v] = np.sum(weights * _np_irfft2(1j * unit, height, width))
-  np.testing.assert_allclose(grad_re[0, :, :, 0], expected_re, atol=1e-5)
-  np.testing.assert_allclose(grad_im[0, :, :, 0], expected_im, atol=1e-5)
+  # The VJP is the transposed products applied to the float32-rounded weights: W-term dot products with entries
+  # <= 2 / sqrt(W), then 2H-term ones with (cos, sin) pairs / sqrt(H): worst case
+  # 2 sqrt(2) (W + 2H + 3) u sum|weights| / sqrt(HW) = 1.06e-5.
+  bound = 2 * np.sqrt(2) * (width + 2 * height + 3) * U * np.abs(weights).sum() / np.sqrt(height * width)
+  np.testing.assert_allclose(grad_re[0, :, :, 0], expected_re, rtol=0, atol=bound)
+  np.testing.assert_allclose(grad_im[0, :, :, 0], expected_im, rtol=0, atol=bound)
 
 
 def test_unknown_spectral_transform_is_named():
