@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from fdnm_jax import losses
+from tests.rounding import U
 
-U = 2.0 ** -24  # float32 unit roundoff
 # Jitted float32 losses against float64 NumPy. Each assertion states the first-order worst-case bound of its float32
 # program (u per rounding, n u of the magnitudes for an n-term sum or dot product, 2 ulps per exp or log): at most
 # 8e-6 relative (plus 1e-6 absolute for a term near zero) except WRT's (WRT_RTOL); LOSS_RTOL covers them all.

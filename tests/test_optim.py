@@ -7,9 +7,7 @@ import pytest
 
 from configs import default
 from fdnm_jax import optim
-
-
-U = 2.0 ** -24  # float32 unit roundoff
+from tests.rounding import U
 
 
 def _schedule(**kw):

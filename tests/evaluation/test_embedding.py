@@ -19,6 +19,7 @@ from fdnm_jax import sharding
 from fdnm_jax.evaluation import evaluator, pairwise_distance
 from fdnm_jax.models import FDNM
 from input_pipeline.datasets.image_set import VISIBLE, ImageSet
+from tests.rounding import U
 
 # 64 x 32 images: at 32 x 16 the tiny FDNM's ANM (after stage 4) instance-normalises a 2 x 1 amplitude grid whose
 # variance can sit far below its eps (1e-5), which multiplies its input's float32 rounding by up to 1/sqrt(eps)
@@ -27,7 +28,6 @@ from input_pipeline.datasets.image_set import VISIBLE, ImageSet
 # for bit with the same composition compiled again.
 H, W = 64, 32
 BNNECK_EPS = 1e-5
-U = 2.0 ** -24  # float32 unit roundoff.
 
 
 D = 256  # the tiny model's final channels (width 8 x 8 x 4).

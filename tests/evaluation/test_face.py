@@ -14,9 +14,7 @@ import pytest
 from fdnm_jax.evaluation import aggregate, evaluator, face, protocols
 from input_pipeline.datasets.image_set import INFRARED, VISIBLE, ImageSet
 from input_pipeline.sources import DataSource, EvalDirection
-
-
-U64 = 2.0 ** -53  # float64 unit roundoff.
+from tests.rounding import U64
 
 
 def roc_reference(genuine, impostor, far):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from fdnm_jax.evaluation import health
+from tests.rounding import EPS64, U
 
-EPS64 = np.finfo(np.float64).eps  # 2.2e-16 = 2 u64.
 # mean_cosine_to_mean in float64 of N rows of D values: row norms and divisions ((D / 2 + 2) u64 each), the mean of
 # the N unit rows (N u64), its norm and division, the N dot products of D terms and their mean: <= (2 D + 2 N + 4) u64
 # of values <= 1, ~22 u64 for the D <= 5, N <= 6 here; twice that where both sides are computed (or the input rows
@@ -34,7 +34,7 @@ def test_mean_cosine_matches_the_definition_row_by_row():
   # Only the float32 rounding of x differs (the function computes in float64): each row moves by <= u |row|, its unit
   # vector by <= 2u, the mean of the unit rows by <= 2u and its direction by <= 4u / |mean| (|mean| = the mean cosine
   # itself), so the mean cosine moves by <= 2u (1 + 2 / want), u = 2^-24; float64 rounding adds ~1e-15.
-  bound = 2 * 2.0 ** -24 * (1 + 2 / want)
+  bound = 2 * U * (1 + 2 / want)
   assert health.mean_cosine_to_mean(x.astype(np.float32)) == pytest.approx(want, abs=bound)
 
 

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 
 from fdnm_jax.evaluation import compute_metrics, pairwise_distance
 from fdnm_jax.evaluation.metrics import euclidean_distance
+from tests.rounding import U
 
-U = 2.0 ** -24  # float32 unit roundoff.
 # compute_metrics scores each query in float32 (metrics._precision_scores): AP = (sum_j fl(j / r_j)) / n rounds once
 # per term, at most n - 1 times in the sum of the n positive terms and once in the division, so
 # |AP - exact| <= (n + 1) u (AP <= 1); INP = n / r_n rounds once. The float64 mean over queries and the float64

@@ -12,11 +12,11 @@ from configs import default
 from fdnm_jax import run_config
 from fdnm_jax.errors import ConfigError
 from input_pipeline import augment, pipeline
+from tests.rounding import U
 
 H, W = 12, 8
 RNG = np.random.default_rng(0)
 IMAGE = RNG.uniform(0.0, 1.0, size=(H, W, 3)).astype(np.float32)
-U = 2.0 ** -24  # float32 unit roundoff.
 
 
 def normalised_bound(pixel_error: float) -> float:

@@ -10,17 +10,18 @@ from input_pipeline import pipeline
 from input_pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 from input_pipeline.datasets.image_set import ImageSet
 from input_pipeline.sampling import CrossModalitySampler
+from tests.input_pipeline.test_augment import normalised_bound
+from tests.rounding import U
 
 
 def _take(stream, n):
   return list(itertools.islice(stream, n))
 
 
-# The pipeline's float32 (x / 255 - mean) / std of 0..255 pixels (|result| <= 2.64): /255 errs by <= u (2u as a
-# product with the rounded reciprocal), the float32 mean and the subtraction by <= u (mean + |x - mean| <= 1), both
-# divided by the smallest std (0.224); the float32 std and the division add 2u |z| (3u |z| with a reciprocal).
-# <= 14u ~ 8.5e-7 as written, 21u if the tf.data graph divides by multiplying with rounded reciprocals; u = 2^-24.
-NORMALISED_TOL = 32 * 2.0 ** -24  # ~1.9e-6: 1.5x over the larger.
+# The pipeline's float32 (x / 255 - mean) / std of 0..255 pixels: /255 errs by <= 2u (a product with the rounded
+# reciprocal, if the tf.data graph divides so), then the normalisation's own worst case (`normalised_bound`): ~21u;
+# 1.5x that, ~1.9e-6.
+NORMALISED_TOL = 1.5 * normalised_bound(2 * U)
 
 
 def _reference(path: str) -> np.ndarray:

@@ -11,11 +11,11 @@ from fdnm_jax.models import FDNM
 from fdnm_jax.models import fdnm
 from fdnm_jax.models import frequency
 from fdnm_jax.models import fdnm_from_config
+from tests.rounding import U, dot_bound
 
 NUM_CLASSES = 5
 BV, BI, H, W = 2, 3, 64, 32  # tiny maps: layer1 16x8x32 ... layer4 4x2x256
 D = 256
-U = 2.0 ** -24  # float32 unit roundoff
 
 COMBOS = {
     "plain": dict(),
@@ -128,7 +128,7 @@ def test_head_matches_numpy(combo):
   # Worst-case float32 error per logit: the BNNeck's (`_bnneck_error`) through |kernel|, and the D = 256-term
   # dot product's own gamma_(D+1) of |bn| @ |kernel| (up to 4e-4 here, above a fixed 1e-4).
   kernel = np.asarray(p["classifier"]["kernel"], np.float64)
-  logits_error = bn_error @ np.abs(kernel) + (D + 1) * U * (np.abs(bn) @ np.abs(kernel))
+  logits_error = bn_error @ np.abs(kernel) + dot_bound(D, bn, kernel)
   np.testing.assert_array_less(np.abs(out["logits"] - bn @ kernel), logits_error)
   # The embedding n / |n| per entry: the BNNeck's error e moves it by <= e / |n| + |n_i| |e| / |n|^2, and the
   # normalisation rounds (sum of D squares, sqrt, division) by <= (D / 2 + 2) u relative; the largest of these

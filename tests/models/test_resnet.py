@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdnm_jax.models import resnet
+from tests.rounding import U
 
 # torchvision.models.resnet50() without `fc` (weight 2048x1000 + bias 1000): 25,557,032 - 2,049,000.
 TORCHVISION_RESNET50_NO_FC = 23_508_032
-
-U = 2.0 ** -24  # float32 unit roundoff
 
 
 def _paths(tree) -> dict[str, tuple[int, ...]]:

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from fdnm_jax.models import spectral
-
-U = 2.0 ** -24  # float32 unit roundoff
+from tests.rounding import U
 
 
 def _np_rfft2(x):
