@@ -19,6 +19,7 @@ from fdnm_jax.errors import DataError
 from input_pipeline.datasets import synthetic
 from tests import shared_runs, subprocesses
 from tests.configs import tiny
+from tests.rounding import EPS64
 
 TINY = subprocesses.TINY
 HEAVY = ("jax", "flax", "tensorflow", "orbax")
@@ -111,7 +112,7 @@ def test_an_allowed_change_is_recorded_and_trains_the_rest_of_the_run_under_it(f
   # The tiny schedule: 2 steps per epoch, warm-up 1 epoch, x0.1 from epoch 1 on; steps 1-2 ran at the old 0.1. The
   # host logs base_lr * factor in Python floats (optim.lr_factor_fn on an int step): a float64 rounding or two.
   lrs = [r["train/lr"] for r in train_rows]
-  assert lrs == pytest.approx([0.1, 0.1, 0.05 * 0.1, 0.05 * 0.1], rel=4 * sys.float_info.epsilon)
+  assert lrs == pytest.approx([0.1, 0.1, 0.05 * 0.1, 0.05 * 0.1], rel=4 * EPS64)
   assert {"event": "resumed", "step": 2, "dropped_rows": 3} in rows  # steps 3 and 4 and the final evaluation.
 
 

@@ -19,6 +19,7 @@ from fdnm_jax import train
 from fdnm_jax.errors import NonFiniteLossError
 from tests import subprocesses
 from tests.configs import tiny
+from tests.rounding import EPS64
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "tests", "configs", "tiny.py")
@@ -64,7 +65,7 @@ def test_run_writes_config_metrics_checkpoints_and_results(trained):
   # roundings of base / 10.
   base = tiny.get_config().optim.base_lr
   np.testing.assert_allclose([r["train/lr"] for r in rows], [base, base, base / 10, base / 10],
-                             rtol=4 * np.finfo(np.float64).eps)
+                             rtol=4 * EPS64)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert set(report["settings"]) == {"visible_to_infrared", "infrared_to_visible"}
   for r in report["settings"].values():

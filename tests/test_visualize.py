@@ -11,6 +11,7 @@ from PIL import Image
 
 from fdnm_jax import visualize
 from fdnm_jax.plots import distances, ranklist, tsne
+from tests.rounding import EPS64
 from tests.test_inference import evaluator_embeddings, trained_workdir
 
 
@@ -42,7 +43,7 @@ def float64_distance_bound(dim: int) -> float:
   sqrt(2 - 2 cos) (fdnm_jax/plots/distances.py) against |q - g|. The dot product is off by <= dim * eps64, so the
   squared distance by <= 2 * dim * eps64; at d = 0 (the worst case: the square root of the cancellation) that
   leaves sqrt(2 * dim * eps64), e.g. 2.1e-8 for dim 1, 3.4e-7 for dim 256; at d >= 0.1 below 1e-11."""
-  return float(np.sqrt(2 * dim * np.finfo(np.float64).eps))
+  return float(np.sqrt(2 * dim * EPS64))
 
 
 def test_l2_distances_intra_inter_and_top_k():
